@@ -1,0 +1,71 @@
+"""The Celery app: one queue per tier, routes, and worker defaults."""
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from celery import Celery, Task
+from django.conf import settings
+from kombu import Queue
+
+from scheduling.tiers import Tier
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "agentplatform.settings")
+
+app = Celery("agentplatform")
+app.config_from_object("django.conf:settings", namespace="CELERY")
+
+app.conf.update(
+    task_queues=[Queue(tier.queue, routing_key=tier.queue) for tier in Tier],
+    task_default_queue=Tier.STANDARD.queue,
+    task_serializer="json",
+    accept_content=["json"],
+    result_serializer="json",
+    # The Run row is the result store.
+    task_ignore_result=True,
+    # A message is acknowledged only once its run is recorded; a killed worker's message comes back.
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    worker_prefetch_multiplier=1,
+    broker_connection_retry_on_startup=True,
+    broker_transport_options={
+        # Queues and bookkeeping keys share the deployment's prefix with every other key.
+        "global_keyprefix": settings.REDIS_KEY_PREFIX,
+        # Redelivery of an unacknowledged message waits this long; recovery of a run does not
+        # depend on it (the run's lease does), so it only needs to exceed the longest countdown.
+        "visibility_timeout": 3600,
+    },
+    beat_scheduler="django_celery_beat.schedulers:DatabaseScheduler",
+    worker_send_task_events=True,
+    task_send_sent_event=True,
+)
+app.autodiscover_tasks()
+
+
+class PlatformTask(Task):
+    """Defaults every platform task shares: late acks, redelivery when a worker dies, no result backend."""
+
+    acks_late = True
+    reject_on_worker_lost = True
+    ignore_result = True
+
+
+def platform_task(
+    *,
+    name: str,
+    queue: str,
+    soft_time_limit: float | None = None,
+    time_limit: float | None = None,
+    base: type[Task] = PlatformTask,
+    **options: Any,
+) -> Callable[[Callable[..., Any]], Task]:
+    """The house task decorator: an explicit name and queue, time limits, and PlatformTask's defaults."""
+    return app.task(
+        bind=True,
+        name=name,
+        queue=queue,
+        soft_time_limit=soft_time_limit,
+        time_limit=time_limit,
+        base=base,
+        **options,
+    )

@@ -1,0 +1,78 @@
+"""The Redis pub-sub bus: run lifecycle events and agent topics.
+
+A run event is one JSON object, published on the run's, its agent's and the global channel:
+
+    {"event": "succeeded", "run": "<uuid>", "agent": "echo", "tier": "standard",
+     "status": "succeeded", "attempt": 1, "at": "2026-11-27T19:44:28.123456+00:00"}
+
+`event` is one of queued, started, retrying, succeeded, failed, cancelled, expired.
+"""
+
+import json
+import re
+from collections.abc import Iterable
+from typing import Any
+
+from django.utils import timezone
+
+from agentplatform.redis_client import redis_client, redis_key
+
+RUN_EVENTS = ("queued", "started", "retrying", "succeeded", "failed", "cancelled", "expired")
+TOPIC_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,99}$")
+
+
+class InvalidTopic(ValueError):
+    """A topic name that the bus does not carry."""
+
+
+def run_channel(run_id: object) -> str:
+    return redis_key("events", "run", run_id)
+
+
+def agent_channel(agent: str) -> str:
+    return redis_key("events", "agent", agent)
+
+
+def all_channel() -> str:
+    return redis_key("events", "all")
+
+
+def cancel_channel() -> str:
+    """Run ids being cancelled; every worker process listens to interrupt the one it is running."""
+    return redis_key("control", "cancel")
+
+
+def topic_channel(topic: str) -> str:
+    if not TOPIC_PATTERN.match(topic):
+        raise InvalidTopic(f"topic {topic!r} must match {TOPIC_PATTERN.pattern}")
+    return redis_key("topic", topic)
+
+
+def run_event(*, event: str, run_id: object, agent: str, tier: str, status: str, attempt: int) -> dict[str, Any]:
+    if event not in RUN_EVENTS:
+        raise ValueError(f"unknown run event {event!r}")
+    return {
+        "event": event,
+        "run": str(run_id),
+        "agent": agent,
+        "tier": tier,
+        "status": status,
+        "attempt": attempt,
+        "at": timezone.now().isoformat(),
+    }
+
+
+def publish_run_events(events: Iterable[dict[str, Any]]) -> None:
+    """Publish run events on their run, agent and global channels in one round trip."""
+    pipe = redis_client().pipeline(transaction=False)
+    for event in events:
+        payload = json.dumps(event)
+        pipe.publish(run_channel(event["run"]), payload)
+        pipe.publish(agent_channel(event["agent"]), payload)
+        pipe.publish(all_channel(), payload)
+    pipe.execute()
+
+
+def publish_topic(topic: str, message: Any) -> int:
+    """Publish a JSON message on an agent topic; returns how many subscribers received it."""
+    return redis_client().publish(topic_channel(topic), json.dumps(message))

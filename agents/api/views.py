@@ -1,0 +1,95 @@
+from django.conf import settings
+from django.shortcuts import get_object_or_404
+from drf_spectacular.utils import extend_schema
+from rest_framework import generics, status
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from agents.api.serializers import (
+    AgentSerializer,
+    RunBatchSerializer,
+    RunListQuerySerializer,
+    RunSerializer,
+    RunSubmitSerializer,
+    RunWaitQuerySerializer,
+)
+from agents.errors import PayloadTooLarge
+from agents.models import Agent, Run
+from agents.runs import run_cancel, run_list, run_submit, run_submit_many, run_visible_to, run_wait
+
+# Room for the fields around a maximal input in a single submission.
+ENVELOPE_BYTES = 16 * 1024
+
+
+def refuse_oversized(request: Request, limit: int) -> None:
+    """413 before the body is parsed, when its declared length is over the limit."""
+    length = int(request.META.get("CONTENT_LENGTH") or 0)
+    if length > limit:
+        raise PayloadTooLarge({"detail": f"Request body is {length} bytes; the limit is {limit}."})
+
+
+def visible_run(request: Request, run_id) -> Run:
+    return get_object_or_404(run_visible_to(request.user), pk=run_id)
+
+
+class AgentListView(generics.ListAPIView):
+    """Agents that accept runs, with their tunables and input schema."""
+
+    serializer_class = AgentSerializer
+    queryset = Agent.objects.filter(registered=True).order_by("name")
+
+
+class AgentDetailView(generics.RetrieveAPIView):
+    serializer_class = AgentSerializer
+    queryset = Agent.objects.filter(registered=True)
+    lookup_field = "name"
+
+
+class RunListCreateView(APIView):
+    @extend_schema(parameters=[RunListQuerySerializer], responses=RunSerializer(many=True))
+    def get(self, request: Request) -> Response:
+        """Your runs (all runs for staff), newest first."""
+        query = RunListQuerySerializer(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        paginator = generics.GenericAPIView.pagination_class()
+        page = paginator.paginate_queryset(run_list(user=request.user, **query.validated_data), request, view=self)
+        return paginator.get_paginated_response(RunSerializer(page, many=True).data)
+
+    @extend_schema(request=RunSubmitSerializer, responses={201: RunSerializer, 200: RunSerializer})
+    def post(self, request: Request) -> Response:
+        """Submit a run. A repeated idempotency_key answers 200 with the first run."""
+        refuse_oversized(request, settings.RUN_MAX_INPUT_BYTES + ENVELOPE_BYTES)
+        body = RunSubmitSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        run, created = run_submit(user=request.user, request=body.to_request())
+        return Response(RunSerializer(run).data, status=status.HTTP_201_CREATED if created else status.HTTP_200_OK)
+
+
+class RunBatchView(APIView):
+    @extend_schema(request=RunBatchSerializer, responses={201: RunSerializer(many=True)})
+    def post(self, request: Request) -> Response:
+        """Submit up to RUN_BATCH_MAX_ITEMS runs in one transaction; one invalid item rejects them all."""
+        refuse_oversized(request, settings.RUN_BATCH_MAX_BYTES)
+        body = RunBatchSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        outcome = run_submit_many(user=request.user, requests=body.to_requests())
+        return Response(RunSerializer([run for run, _ in outcome], many=True).data, status=status.HTTP_201_CREATED)
+
+
+class RunDetailView(APIView):
+    @extend_schema(parameters=[RunWaitQuerySerializer], responses=RunSerializer)
+    def get(self, request: Request, run_id) -> Response:
+        """One run; with ?wait=N, answers as soon as it is finished or N seconds have passed."""
+        query = RunWaitQuerySerializer(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        run = run_wait(run=visible_run(request, run_id), timeout=query.validated_data["wait"])
+        return Response(RunSerializer(run).data)
+
+
+class RunCancelView(APIView):
+    @extend_schema(request=None, responses={200: RunSerializer, 409: None})
+    def post(self, request: Request, run_id) -> Response:
+        """Cancel a queued or running run; 409 if it already finished."""
+        run = run_cancel(run=visible_run(request, run_id))
+        return Response(RunSerializer(run).data)

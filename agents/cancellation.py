@@ -1,0 +1,88 @@
+"""Interrupting the agent a worker process is running when its run is cancelled.
+
+Each worker process keeps one pub-sub subscription to the cancel channel. When the run it is
+executing is named there, the listener signals the main thread, whose handler raises
+RunCancelled inside the agent. A signal (rather than an asynchronous exception) also breaks a
+blocking call such as time.sleep.
+"""
+
+import logging
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from agentplatform import events
+from agentplatform.redis_client import redis_client
+from agents.errors import RunCancelled
+
+logger = logging.getLogger(__name__)
+
+CANCEL_SIGNAL = signal.SIGUSR2
+
+
+class CancelWatch:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._current: str | None = None
+        # Cancels that arrived while no run of that id was executing here yet (claim → start).
+        self._recent: deque[str] = deque(maxlen=1024)
+        self._thread: threading.Thread | None = None
+        self._subscribed = threading.Event()
+
+    def _ensure_listening(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        # Installed for good: a signal landing just after a run ends must find a handler that
+        # ignores it, never the default action, which would end the process.
+        signal.signal(CANCEL_SIGNAL, self._raise_if_current)
+        self._subscribed.clear()
+        self._thread = threading.Thread(target=self._listen, name="run-cancel-listener", daemon=True)
+        self._thread.start()
+        self._subscribed.wait(timeout=2)
+
+    def _listen(self) -> None:
+        while True:
+            try:
+                pubsub = redis_client().pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(events.cancel_channel())
+                self._subscribed.set()
+                for message in pubsub.listen():
+                    self._on_cancel(message["data"].decode())
+            except Exception:
+                logger.exception("cancel listener lost its subscription; resubscribing")
+                time.sleep(1)
+
+    def _on_cancel(self, run_id: str) -> None:
+        with self._lock:
+            self._recent.append(run_id)
+            if self._current == run_id:
+                signal.pthread_kill(threading.main_thread().ident, CANCEL_SIGNAL)
+
+    def _raise_if_current(self, signum, frame) -> None:
+        if self._current is not None:
+            raise RunCancelled()
+
+    @contextmanager
+    def watching(self, run_id: str) -> Iterator[None]:
+        """Within this block, cancelling `run_id` raises RunCancelled in the calling (main) thread."""
+        if threading.current_thread() is not threading.main_thread():
+            # Signals reach only the main thread; such a pool gets cancellation at claim and finish only.
+            yield
+            return
+        self._ensure_listening()
+        with self._lock:
+            self._current = run_id
+            already = run_id in self._recent
+        try:
+            if already:
+                raise RunCancelled()
+            yield
+        finally:
+            with self._lock:
+                self._current = None
+
+
+cancel_watch = CancelWatch()

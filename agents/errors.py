@@ -1,0 +1,34 @@
+"""Domain errors raised by the run services; the API maps each to a status code in one place."""
+
+
+class RunRejected(Exception):
+    """A submission that cannot become a run; `errors` maps field names to messages."""
+
+    status_code = 400
+
+    def __init__(self, errors: dict) -> None:
+        super().__init__(errors)
+        self.errors = errors
+
+
+class PayloadTooLarge(RunRejected):
+    status_code = 413
+
+
+class RunNotCancellable(Exception):
+    """The run already finished."""
+
+    def __init__(self, status: str) -> None:
+        super().__init__(f"the run already finished ({status}) and cannot be cancelled")
+        self.status = status
+
+
+class AgentNotRegistered(Exception):
+    """A run names an agent that the code no longer declares."""
+
+
+class RunCancelled(BaseException):
+    """Raised inside a running agent when its run is cancelled.
+
+    A BaseException, so that agent code catching Exception cannot swallow it.
+    """

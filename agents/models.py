@@ -1,0 +1,122 @@
+import uuid
+
+from django.conf import settings
+from django.db import models
+from django.db.models import F, Q
+
+from scheduling.tiers import Tier
+
+
+class Agent(models.Model):
+    """An agent declared in code, with the tunables operators may change.
+
+    The row names an agent; it never names code. Workers run only what the registry holds
+    under that name, so nothing stored here can make them run anything else.
+    """
+
+    name = models.CharField(max_length=100, unique=True)
+    version = models.CharField(max_length=50, help_text="Declared in code; set by the registry sync.")
+    description = models.TextField(blank=True)
+    input_schema = models.JSONField(default=dict, help_text="JSON Schema of the input, from the code.")
+    registered = models.BooleanField(
+        default=True, help_text="Whether the code still declares this agent (false: it cannot run)."
+    )
+    tier = models.CharField(max_length=16, choices=Tier.choices, default=Tier.STANDARD)
+    sla_seconds = models.FloatField(help_text="Submit-to-finish time the agent promises.")
+    soft_time_limit = models.FloatField(help_text="Seconds before the agent is asked to stop.")
+    time_limit = models.FloatField(help_text="Seconds before the agent's process is killed.")
+    max_retries = models.PositiveSmallIntegerField(default=0, help_text="Attempts after the first.")
+    cache_ttl = models.PositiveIntegerField(default=0, help_text="Seconds a result is reused; 0: not cached.")
+    enabled = models.BooleanField(default=True, help_text="Disabled agents refuse new runs.")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [
+            models.CheckConstraint(condition=Q(sla_seconds__gt=0), name="agent_sla_positive"),
+            models.CheckConstraint(condition=Q(soft_time_limit__gt=0), name="agent_soft_limit_positive"),
+            models.CheckConstraint(
+                condition=Q(time_limit__gte=F("soft_time_limit")), name="agent_hard_limit_not_below_soft"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class RunStatus(models.TextChoices):
+    QUEUED = "queued", "Queued"
+    RUNNING = "running", "Running"
+    SUCCEEDED = "succeeded", "Succeeded"
+    FAILED = "failed", "Failed"
+    CANCELLED = "cancelled", "Cancelled"
+    EXPIRED = "expired", "Expired"
+
+    @classmethod
+    def terminal(cls) -> frozenset["RunStatus"]:
+        return frozenset({cls.SUCCEEDED, cls.FAILED, cls.CANCELLED, cls.EXPIRED})
+
+
+class Run(models.Model):
+    """One request to execute an agent, and everything that happened to it."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    agent = models.ForeignKey(Agent, on_delete=models.PROTECT, related_name="runs")
+    agent_version = models.CharField(max_length=50)
+    tier = models.CharField(max_length=16, choices=Tier.choices)
+    status = models.CharField(max_length=16, choices=RunStatus.choices, default=RunStatus.QUEUED)
+    input = models.JSONField()
+    result = models.JSONField(null=True, blank=True)
+    error = models.JSONField(null=True, blank=True, help_text="type, message and traceback of the last failure.")
+    submitted_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="runs"
+    )
+    parent = models.ForeignKey(
+        "self",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="children",
+        help_text="The run whose agent submitted this one.",
+    )
+    # NULL, not '', for no key: the unique constraint must not see two keyless runs as equal.
+    idempotency_key = models.CharField(max_length=200, null=True, blank=True)  # noqa: DJ001
+    # The agent's promises as they stood at submission, so that tuning an agent never rewrites history.
+    sla_seconds = models.FloatField()
+    soft_time_limit = models.FloatField()
+    time_limit = models.FloatField()
+    max_retries = models.PositiveSmallIntegerField()
+    attempts = models.PositiveSmallIntegerField(default=0, help_text="Attempts started so far.")
+    submitted_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True, help_text="Start of the latest attempt.")
+    finished_at = models.DateTimeField(null=True, blank=True)
+    queue_wait_ms = models.PositiveBigIntegerField(null=True, blank=True, help_text="Submission to first start.")
+    run_ms = models.PositiveBigIntegerField(null=True, blank=True, help_text="Duration of the final attempt.")
+    sla_met = models.BooleanField(null=True, blank=True)
+    worker = models.CharField(max_length=200, blank=True, help_text="Worker that holds or held the claim.")
+    lease_expires_at = models.DateTimeField(
+        null=True, blank=True, help_text="Until then the claim is the worker's; after it the run may be reclaimed."
+    )
+
+    class Meta:
+        ordering = ["-submitted_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["submitted_by", "idempotency_key"],
+                condition=Q(idempotency_key__isnull=False),
+                name="run_idempotency_key_unique_per_user",
+            ),
+        ]
+        indexes = [
+            models.Index(fields=["status", "tier", "submitted_at"], name="run_status_tier_submitted"),
+            models.Index(fields=["submitted_by", "-submitted_at"], name="run_owner_newest"),
+            models.Index(fields=["agent", "-submitted_at"], name="run_agent_newest"),
+        ]
+
+    def __str__(self) -> str:
+        return str(self.id)
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in RunStatus.terminal()

@@ -1,0 +1,140 @@
+"""The agent registry: code declares agents with @agent; the database only tunes them."""
+
+import importlib
+import inspect
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.conf import settings
+from django.utils.module_loading import autodiscover_modules
+from pydantic import BaseModel
+
+from scheduling.tiers import DEFAULT_SLA_SECONDS, Tier
+
+AGENT_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_.-]{0,99}$")
+BUILTIN_MODULES = (
+    "agents.builtin.echo",
+    "agents.builtin.sleep",
+    "agents.builtin.text_stats",
+    "agents.builtin.factorize",
+)
+
+
+class RegistryError(Exception):
+    """An agent declaration is invalid or clashes with another."""
+
+
+@dataclass(frozen=True)
+class AgentSpec:
+    """What the code promises about one agent; the defaults its Agent row starts from."""
+
+    name: str
+    version: str
+    description: str
+    input_model: type[BaseModel]
+    func: Callable[..., Any] = field(compare=False)
+    tier: Tier = Tier.STANDARD
+    sla_seconds: float = 60.0
+    soft_time_limit: float = 60.0
+    time_limit: float = 90.0
+    max_retries: int = 0
+    cache_ttl: int = 0
+
+    @property
+    def input_schema(self) -> dict[str, Any]:
+        return self.input_model.model_json_schema()
+
+    def parse_input(self, data: Any) -> BaseModel:
+        """Validate raw input against the declared schema (raises pydantic.ValidationError)."""
+        return self.input_model.model_validate(data)
+
+
+class AgentRegistry:
+    def __init__(self) -> None:
+        self._specs: dict[str, AgentSpec] = {}
+        self._discovered = False
+
+    def register(self, spec: AgentSpec) -> None:
+        existing = self._specs.get(spec.name)
+        # Re-importing the same module (autoreload, tests) declares the same function again: fine.
+        if existing is not None and _qualified_name(existing.func) != _qualified_name(spec.func):
+            raise RegistryError(f"agent {spec.name!r} is declared twice")
+        self._specs[spec.name] = spec
+
+    def get(self, name: str) -> AgentSpec | None:
+        self.discover()
+        return self._specs.get(name)
+
+    def __iter__(self) -> Iterator[AgentSpec]:
+        self.discover()
+        return iter(sorted(self._specs.values(), key=lambda spec: spec.name))
+
+    def __len__(self) -> int:
+        self.discover()
+        return len(self._specs)
+
+    def discover(self) -> None:
+        """Import the built-in agents, every installed app's agents.py and settings.AGENT_MODULES."""
+        if self._discovered:
+            return
+        self._discovered = True
+        for module in BUILTIN_MODULES:
+            importlib.import_module(module)
+        autodiscover_modules("agents")
+        for module in settings.AGENT_MODULES:
+            importlib.import_module(module)
+
+
+def _qualified_name(func: Callable[..., Any]) -> str:
+    return f"{func.__module__}.{func.__qualname__}"
+
+
+registry = AgentRegistry()
+
+
+def agent(
+    *,
+    name: str,
+    input: type[BaseModel],
+    version: str = "1",
+    description: str | None = None,
+    tier: Tier | str = Tier.STANDARD,
+    sla_seconds: float | None = None,
+    soft_time_limit: float = 60.0,
+    time_limit: float | None = None,
+    max_retries: int = 0,
+    cache_ttl: int = 0,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Declare a function `fn(ctx, input) -> JSON-serialisable` as an agent."""
+    tier = Tier(tier)
+    if not AGENT_NAME_PATTERN.match(name):
+        raise RegistryError(f"agent name {name!r} must match {AGENT_NAME_PATTERN.pattern}")
+    if not (isinstance(input, type) and issubclass(input, BaseModel)):
+        raise RegistryError(f"agent {name!r}: input must be a pydantic model class")
+    hard_limit = time_limit if time_limit is not None else soft_time_limit * 1.5
+    if soft_time_limit <= 0 or hard_limit < soft_time_limit:
+        raise RegistryError(f"agent {name!r}: need 0 < soft_time_limit <= time_limit")
+    if max_retries < 0 or cache_ttl < 0:
+        raise RegistryError(f"agent {name!r}: max_retries and cache_ttl cannot be negative")
+
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        registry.register(
+            AgentSpec(
+                name=name,
+                version=str(version),
+                description=description or inspect.cleandoc(func.__doc__ or ""),
+                input_model=input,
+                func=func,
+                tier=tier,
+                sla_seconds=float(sla_seconds if sla_seconds is not None else DEFAULT_SLA_SECONDS[tier]),
+                soft_time_limit=float(soft_time_limit),
+                time_limit=float(hard_limit),
+                max_retries=int(max_retries),
+                cache_ttl=int(cache_ttl),
+            )
+        )
+        return func
+
+    return decorate

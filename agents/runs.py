@@ -1,0 +1,218 @@
+"""Submitting, cancelling, finding and waiting on runs."""
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.db.models import QuerySet
+from django.utils import timezone
+from pydantic import ValidationError
+
+from agentplatform import events
+from agentplatform.redis_client import redis_client
+from agents.dispatch import run_dispatch
+from agents.errors import PayloadTooLarge, RunNotCancellable, RunRejected
+from agents.models import Agent, Run, RunStatus
+from agents.registry import registry
+from scheduling.tiers import Tier
+
+WAIT_RECHECK_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """What a caller asks for: one run of an agent on an input."""
+
+    agent: str
+    input: Any
+    tier: str | None = None
+    idempotency_key: str | None = None
+
+
+def run_visible_to(user) -> QuerySet[Run]:
+    """The runs a user may see: their own, or all for staff."""
+    runs = Run.objects.select_related("agent")
+    return runs if user.is_staff else runs.filter(submitted_by=user)
+
+
+def run_list(*, user, agent: str | None = None, status: str | None = None, tier: str | None = None) -> QuerySet[Run]:
+    runs = run_visible_to(user)
+    if agent:
+        runs = runs.filter(agent__name=agent)
+    if status:
+        runs = runs.filter(status=status)
+    if tier:
+        runs = runs.filter(tier=tier)
+    return runs.order_by("-submitted_at")
+
+
+def input_errors(exc: ValidationError) -> dict[str, list[str]]:
+    """Pydantic errors as field paths (`a.b.0`) to messages; `non_field_errors` for the input as a whole."""
+    errors: dict[str, list[str]] = {}
+    for error in exc.errors(include_url=False):
+        path = ".".join(str(part) for part in error["loc"]) or "non_field_errors"
+        errors.setdefault(path, []).append(error["msg"])
+    return errors
+
+
+def _build_run(request: RunRequest, *, user, agents: dict[str, Agent], parent: Run | None) -> Run:
+    """An unsaved Run for a request, or RunRejected with field-level messages."""
+    agent = agents.get(request.agent)
+    spec = registry.get(request.agent)
+    if agent is None or spec is None or not agent.registered:
+        raise RunRejected({"agent": [f"Unknown agent {request.agent!r}."]})
+    if not agent.enabled:
+        raise RunRejected({"agent": [f"Agent {request.agent!r} is disabled."]})
+    if request.tier is not None and request.tier not in Tier.values:
+        raise RunRejected({"tier": [f"{request.tier!r} is not a tier; choose one of {', '.join(Tier.values)}."]})
+    if not isinstance(request.input, dict):
+        raise RunRejected({"input": ["Expected a JSON object."]})
+    size = len(json.dumps(request.input, separators=(",", ":")).encode())
+    if size > settings.RUN_MAX_INPUT_BYTES:
+        raise PayloadTooLarge({"input": [f"Input is {size} bytes; the limit is {settings.RUN_MAX_INPUT_BYTES}."]})
+    try:
+        parsed = spec.parse_input(request.input)
+    except ValidationError as exc:
+        raise RunRejected({"input": input_errors(exc)}) from exc
+    return Run(
+        agent=agent,
+        agent_version=spec.version,
+        tier=request.tier or agent.tier,
+        input=parsed.model_dump(mode="json"),
+        submitted_by=user,
+        parent=parent,
+        idempotency_key=request.idempotency_key,
+        sla_seconds=agent.sla_seconds,
+        soft_time_limit=agent.soft_time_limit,
+        time_limit=agent.time_limit,
+        max_retries=agent.max_retries,
+    )
+
+
+def _agents_named(names: set[str]) -> dict[str, Agent]:
+    return {agent.name: agent for agent in Agent.objects.filter(name__in=names)}
+
+
+def run_submit(*, user, request: RunRequest, parent: Run | None = None) -> tuple[Run, bool]:
+    """Create and dispatch one run; returns (run, created). A repeated idempotency key returns the first run."""
+    ((run, created),) = run_submit_many(user=user, requests=[request], parent=parent)
+    return run, created
+
+
+def run_submit_many(*, user, requests: Sequence[RunRequest], parent: Run | None = None) -> list[tuple[Run, bool]]:
+    """Create runs for all requests in one transaction and dispatch them together, or reject them all.
+
+    A RunRejected for a batch names the failing item by its index: {"runs": {"3": {"input": [...]}}}.
+    """
+    agents = _agents_named({request.agent for request in requests if isinstance(request.agent, str)})
+    built: list[Run] = []
+    for index, request in enumerate(requests):
+        try:
+            built.append(_build_run(request, user=user, agents=agents, parent=parent))
+        except RunRejected as exc:
+            if len(requests) == 1:
+                raise
+            raise type(exc)({"runs": {str(index): exc.errors}}) from exc
+    try:
+        return _insert_runs(user=user, runs=built)
+    except IntegrityError:
+        # Another request inserted one of these idempotency keys first; now it is found.
+        return _insert_runs(user=user, runs=built)
+
+
+def _insert_runs(*, user, runs: list[Run]) -> list[tuple[Run, bool]]:
+    keys = {run.idempotency_key for run in runs if run.idempotency_key}
+    with transaction.atomic():
+        existing: dict[str, Run] = {}
+        if keys and user is not None:
+            existing = {
+                run.idempotency_key: run
+                for run in Run.objects.select_related("agent").filter(submitted_by=user, idempotency_key__in=keys)
+            }
+        outcome: list[tuple[Run, bool]] = []
+        new_runs: list[Run] = []
+        for run in runs:
+            key = run.idempotency_key
+            if key and key in existing:
+                outcome.append((existing[key], False))
+                continue
+            if key:
+                existing[key] = run
+            new_runs.append(run)
+            outcome.append((run, True))
+        Run.objects.bulk_create(new_runs)
+        if new_runs:
+            transaction.on_commit(lambda: _after_submit(new_runs))
+    return outcome
+
+
+def _after_submit(runs: list[Run]) -> None:
+    run_dispatch(runs)
+    events.publish_run_events(
+        events.run_event(
+            event="queued", run_id=run.id, agent=run.agent.name, tier=run.tier, status=run.status, attempt=0
+        )
+        for run in runs
+    )
+
+
+def run_cancel(*, run: Run) -> Run:
+    """Cancel a queued or running run: a queued run never starts, a running one is interrupted."""
+    now = timezone.now()
+    cancelled = Run.objects.filter(pk=run.pk, status__in=[RunStatus.QUEUED, RunStatus.RUNNING]).update(
+        status=RunStatus.CANCELLED, finished_at=now, lease_expires_at=None
+    )
+    run.refresh_from_db()
+    if not cancelled:
+        raise RunNotCancellable(run.status)
+    redis_client().publish(events.cancel_channel(), str(run.pk))
+    events.publish_run_events(
+        [
+            events.run_event(
+                event="cancelled",
+                run_id=run.pk,
+                agent=run.agent.name,
+                tier=run.tier,
+                status=run.status,
+                attempt=run.attempts,
+            )
+        ]
+    )
+    return run
+
+
+def run_wait(*, run: Run, timeout: float) -> Run:
+    """Return the run once it is terminal or `timeout` seconds have passed, woken by its events."""
+    run.refresh_from_db()
+    if run.is_terminal or timeout <= 0:
+        return run
+    deadline = time.monotonic() + timeout
+    next_read = time.monotonic() + WAIT_RECHECK_SECONDS
+    pubsub = redis_client().pubsub(ignore_subscribe_messages=True)
+    try:
+        pubsub.subscribe(events.run_channel(run.pk))
+        # The run may have finished between the first read and the subscription.
+        run.refresh_from_db()
+        while not run.is_terminal:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            message = pubsub.get_message(timeout=min(remaining, 1.0))
+            woken = message is not None and json.loads(message["data"]).get("status") in RunStatus.terminal()
+            # The database is the truth: read it when woken, and now and then in case an event was lost.
+            if woken or time.monotonic() >= next_read:
+                run.refresh_from_db()
+                next_read = time.monotonic() + WAIT_RECHECK_SECONDS
+    finally:
+        pubsub.close()
+    return run
+
+
+def run_rerun(*, run: Run, user) -> Run:
+    """Submit a new run of the same agent, input and tier as `run`, on behalf of `user`."""
+    new_run, _ = run_submit(user=user, request=RunRequest(agent=run.agent.name, input=run.input, tier=run.tier))
+    return new_run

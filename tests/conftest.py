@@ -1,0 +1,130 @@
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+from rest_framework.authtoken.models import Token
+from rest_framework.test import APIClient
+
+from agentplatform.redis_client import redis_client
+from agents.sync import agent_sync_registry
+from scheduling.tiers import Tier
+from tests.factories import UserFactory
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER_READY_SECONDS = 60
+
+
+@pytest.fixture(scope="session", autouse=True)
+def redis_keys_removed_after_run() -> Iterator[None]:
+    """This run's keys live under its own prefix; remove them when it ends."""
+    yield
+    client = redis_client()
+    for key in client.scan_iter(match=f"{settings.REDIS_KEY_PREFIX}*", count=1000):
+        client.delete(key)
+
+
+@pytest.fixture(autouse=True)
+def _agents_synced(request: pytest.FixtureRequest) -> None:
+    """Every database test starts with the registry synced (transactional tests flush the table)."""
+    if {"db", "transactional_db"} & set(request.fixturenames):
+        request.getfixturevalue("db")  # defers to transactional_db when the test asks for it
+        agent_sync_registry()
+
+
+@pytest.fixture
+def user(db):
+    return UserFactory()
+
+
+@pytest.fixture
+def api(user) -> APIClient:
+    """An API client authenticated with the user's token."""
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=user).key}")
+    client.user = user
+    return client
+
+
+@pytest.fixture
+def api_for():
+    """Make an authenticated API client for another user."""
+
+    def make(user) -> APIClient:
+        client = APIClient()
+        token, _ = Token.objects.get_or_create(user=user)
+        client.credentials(HTTP_AUTHORIZATION=f"Token {token.key}")
+        client.user = user
+        return client
+
+    return make
+
+
+def _worker_env() -> dict[str, str]:
+    db = settings.DATABASES["default"]
+    env = dict(os.environ)
+    env["DATABASE_URL"] = f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+def _start_worker(tier: Tier, log_dir: Path) -> tuple[subprocess.Popen, Path]:
+    log = log_dir / f"worker-{tier.value}.log"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "agentplatform",
+            "worker",
+            "-Q",
+            tier.queue,
+            "-n",
+            f"{tier.value}-{os.environ['TEST_RUN_ID']}@%h",
+            "--concurrency",
+            "2" if tier is Tier.STANDARD else "1",
+            "--prefetch-multiplier",
+            "1",
+            "--without-gossip",
+            "--without-mingle",
+            "--loglevel",
+            "INFO",
+            "--logfile",
+            str(log),
+        ],
+        cwd=ROOT,
+        env=_worker_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+    return process, log
+
+
+@pytest.fixture(scope="session")
+def workers(django_db_setup, django_db_blocker, tmp_path_factory) -> Iterator[dict[Tier, subprocess.Popen]]:
+    """One real Celery worker per tier, each consuming only its own queue of this run's Redis prefix."""
+    log_dir = tmp_path_factory.mktemp("workers")
+    started = {tier: _start_worker(tier, log_dir) for tier in Tier}
+    deadline = time.monotonic() + WORKER_READY_SECONDS
+    for tier, (process, log) in started.items():
+        while not (log.exists() and " ready." in log.read_text()):
+            if process.poll() is not None or time.monotonic() > deadline:
+                for other, _ in started.values():
+                    other.kill()
+                text = log.read_text() if log.exists() else "(no log)"
+                pytest.fail(f"{tier.value} worker did not start:\n{text[-3000:]}")
+            time.sleep(0.1)
+    yield {tier: process for tier, (process, _) in started.items()}
+    for process, _ in started.values():
+        process.terminate()
+    for process, _ in started.values():
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
