@@ -9,6 +9,6 @@ os.environ.setdefault("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgr
 # Django creates and drops test_<NAME>; the suffix keeps concurrent runs apart.
 os.environ["DATABASE_URL"] = os.environ["DATABASE_URL"].rsplit("/", 1)[0] + f"/agentplatform_{RUN_ID}"
 os.environ["REDIS_KEY_PREFIX"] = f"aptest:{RUN_ID}:"
-os.environ.setdefault("AGENT_MODULES", "tests.agents")
+os.environ.setdefault("AGENT_MODULES", "tests.sample_agents")
 os.environ.setdefault("RETRY_BACKOFF_BASE_SECONDS", "0.05")
 os.environ.setdefault("RETRY_BACKOFF_MAX_SECONDS", "0.5")
