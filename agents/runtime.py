@@ -109,6 +109,7 @@ def run_succeeded(*, run: Run, result: Any, run_ms: int) -> bool:
     written = Run.objects.filter(_claim_held(run)).update(
         status=RunStatus.SUCCEEDED,
         result=result,
+        error=None,
         finished_at=now,
         run_ms=run_ms,
         lease_expires_at=None,

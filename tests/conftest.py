@@ -29,6 +29,11 @@ def redis_keys_removed_after_run() -> Iterator[None]:
 
 
 @pytest.fixture(autouse=True)
+def _fast_password_hashing(settings) -> None:
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+@pytest.fixture(autouse=True)
 def _agents_synced(request: pytest.FixtureRequest) -> None:
     """Every database test starts with the registry synced (transactional tests flush the table)."""
     if {"db", "transactional_db"} & set(request.fixturenames):
