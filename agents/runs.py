@@ -1,6 +1,7 @@
 """Submitting, cancelling, finding and waiting on runs."""
 
 import json
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from agents.errors import PayloadTooLarge, RunNotCancellable, RunRejected
 from agents.models import Agent, Run, RunStatus
 from agents.registry import registry
 from scheduling.tiers import Tier
+
+logger = logging.getLogger(__name__)
 
 WAIT_RECHECK_SECONDS = 5.0
 
@@ -151,7 +154,12 @@ def _insert_runs(*, user, runs: list[Run]) -> list[tuple[Run, bool]]:
 
 
 def _after_submit(runs: list[Run]) -> None:
-    run_dispatch(runs)
+    try:
+        run_dispatch(runs)
+    except Exception:
+        # The runs are stored and stay queued: the caller must not see a failure and submit them again.
+        logger.exception("could not dispatch %d queued runs; they stay queued until re-dispatched", len(runs))
+        return
     events.publish_run_events(
         events.run_event(
             event="queued", run_id=run.id, agent=run.agent.name, tier=run.tier, status=run.status, attempt=0

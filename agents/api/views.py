@@ -1,7 +1,9 @@
 from django.conf import settings
+from django.db.models import QuerySet
 from django.shortcuts import get_object_or_404
 from drf_spectacular.utils import extend_schema
 from rest_framework import generics, status
+from rest_framework.pagination import PageNumberPagination
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -46,15 +48,24 @@ class AgentDetailView(generics.RetrieveAPIView):
     lookup_field = "name"
 
 
-class RunListCreateView(APIView):
-    @extend_schema(parameters=[RunListQuerySerializer], responses=RunSerializer(many=True))
-    def get(self, request: Request) -> Response:
-        """Your runs (all runs for staff), newest first."""
-        query = RunListQuerySerializer(data=request.query_params)
+class RunPagination(PageNumberPagination):
+    page_size_query_param = "page_size"
+    max_page_size = 500
+
+
+class RunListCreateView(generics.ListAPIView):
+    serializer_class = RunSerializer
+    pagination_class = RunPagination
+
+    def get_queryset(self) -> QuerySet[Run]:
+        query = RunListQuerySerializer(data=self.request.query_params)
         query.is_valid(raise_exception=True)
-        paginator = generics.GenericAPIView.pagination_class()
-        page = paginator.paginate_queryset(run_list(user=request.user, **query.validated_data), request, view=self)
-        return paginator.get_paginated_response(RunSerializer(page, many=True).data)
+        return run_list(user=self.request.user, **query.validated_data)
+
+    @extend_schema(parameters=[RunListQuerySerializer])
+    def get(self, request: Request, *args, **kwargs) -> Response:
+        """Your runs (all runs for staff), newest first."""
+        return super().get(request, *args, **kwargs)
 
     @extend_schema(request=RunSubmitSerializer, responses={201: RunSerializer, 200: RunSerializer})
     def post(self, request: Request) -> Response:

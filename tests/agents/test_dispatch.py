@@ -1,0 +1,57 @@
+"""Run messages: published after commit, carrying the run id only, on the tier's queue."""
+
+import pytest
+from celery.signals import before_task_publish
+from django.db import connection, transaction
+
+from agents.models import Run
+from agents.runs import RunRequest, run_submit, run_submit_many
+
+
+@pytest.fixture
+def published():
+    """Messages published while the test runs, with whether a transaction was open at that moment."""
+    messages = []
+
+    def record(sender, body, routing_key, headers, **kwargs):
+        messages.append(
+            {"args": body[0], "kwargs": body[1], "queue": routing_key, "in_transaction": connection.in_atomic_block}
+        )
+
+    before_task_publish.connect(record, weak=False)
+    yield messages
+    before_task_publish.disconnect(record)
+
+
+def test_the_message_is_published_only_after_the_transaction_commits(transactional_db, user, published):
+    with transaction.atomic():
+        run, _ = run_submit(user=user, request=RunRequest(agent="echo", input={"x": 1}))
+        assert published == []
+
+    assert published == [{"args": [str(run.pk)], "kwargs": {}, "queue": "standard", "in_transaction": False}]
+
+
+def test_a_rolled_back_submission_publishes_nothing(transactional_db, user, published):
+    def submit_then_fail() -> None:
+        with transaction.atomic():
+            run_submit(user=user, request=RunRequest(agent="echo", input={}))
+            raise RuntimeError("roll back")
+
+    with pytest.raises(RuntimeError):
+        submit_then_fail()
+
+    assert published == []
+    assert not Run.objects.exists()
+
+
+def test_the_message_goes_to_the_queue_of_the_run_tier(transactional_db, user, published):
+    run_submit(user=user, request=RunRequest(agent="echo", input={}, tier="critical"))
+    run_submit(user=user, request=RunRequest(agent="factorize", input={"n": 15}))
+
+    assert [message["queue"] for message in published] == ["critical", "batch"]
+
+
+def test_a_batch_is_published_after_its_one_commit(transactional_db, user, published):
+    runs = run_submit_many(user=user, requests=[RunRequest(agent="echo", input={"n": n}) for n in range(3)])
+
+    assert [message["args"] for message in published] == [[str(run.pk)] for run, _ in runs]
