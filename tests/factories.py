@@ -1,6 +1,8 @@
 import factory
 from django.contrib.auth import get_user_model
 
+from agents.models import Agent, Run
+
 
 class UserFactory(factory.django.DjangoModelFactory):
     class Meta:
@@ -14,3 +16,20 @@ class UserFactory(factory.django.DjangoModelFactory):
 class StaffFactory(UserFactory):
     is_staff = True
     is_superuser = True
+
+
+class RunFactory(factory.django.DjangoModelFactory):
+    """A run of the built-in echo agent, recorded as a submission would record it."""
+
+    class Meta:
+        model = Run
+
+    agent = factory.LazyFunction(lambda: Agent.objects.get(name="echo"))
+    agent_version = factory.SelfAttribute("agent.version")
+    tier = factory.SelfAttribute("agent.tier")
+    input = factory.Dict({"text": "hello"})
+    submitted_by = factory.SubFactory(UserFactory)
+    sla_seconds = factory.SelfAttribute("agent.sla_seconds")
+    soft_time_limit = factory.SelfAttribute("agent.soft_time_limit")
+    time_limit = factory.SelfAttribute("agent.time_limit")
+    max_retries = factory.SelfAttribute("agent.max_retries")

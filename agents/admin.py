@@ -1,0 +1,209 @@
+"""The operators' view: tune agents, follow runs, cancel or repeat them."""
+
+import json
+import uuid
+from typing import Any
+
+from django import forms
+from django.contrib import admin, messages
+from django.core.exceptions import ValidationError
+from django.template.defaultfilters import pluralize
+from django.utils.html import format_html
+
+from agents.errors import RunNotCancellable, RunRejected
+from agents.models import Agent, Run
+from agents.runs import run_cancel, run_rerun
+
+CODE_OWNED_FIELDS = ["name", "version", "description", "registered", "input_schema_pretty"]
+TUNABLE_FIELDS = ["tier", "sla_seconds", "soft_time_limit", "time_limit", "max_retries", "cache_ttl", "enabled"]
+
+
+def pretty_json(value: Any) -> str | None:
+    """Indented JSON in a <pre>, keys sorted (PostgreSQL's jsonb keeps no order worth showing)."""
+    if value is None:
+        return None
+    return format_html("<pre>{}</pre>", json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False))
+
+
+def _leaf_messages(errors: dict | list | str) -> list[str]:
+    """The messages of a RunRejected's nested field errors."""
+    if isinstance(errors, dict):
+        return [message for value in errors.values() for message in _leaf_messages(value)]
+    if isinstance(errors, list):
+        return [message for value in errors for message in _leaf_messages(value)]
+    return [str(errors)]
+
+
+class AgentForm(forms.ModelForm):
+    """The tunables, with Agent's check constraints reported on the field they concern.
+
+    Left to the model, a violated constraint is a form-wide "Constraint … is violated";
+    a field with an error here is excluded from that check, so each problem shows once.
+    """
+
+    class Meta:
+        model = Agent
+        fields = TUNABLE_FIELDS
+
+    def clean_sla_seconds(self) -> float:
+        return _positive(self.cleaned_data["sla_seconds"])
+
+    def clean_soft_time_limit(self) -> float:
+        return _positive(self.cleaned_data["soft_time_limit"])
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean()
+        soft, hard = cleaned.get("soft_time_limit"), cleaned.get("time_limit")
+        if soft is not None and hard is not None and hard < soft:
+            self.add_error("time_limit", f"Must not be below the soft time limit ({soft:g} s).")
+        return cleaned
+
+
+def _positive(seconds: float) -> float:
+    if seconds <= 0:
+        raise ValidationError("Must be more than 0 seconds.")
+    return seconds
+
+
+@admin.register(Agent)
+class AgentAdmin(admin.ModelAdmin):
+    """Agents come from code; operators change only the tunables."""
+
+    form = AgentForm
+    list_display = [
+        "name",
+        "version",
+        "tier",
+        "sla_seconds",
+        "enabled",
+        "registered",
+        "cache_ttl",
+        "max_retries",
+        "soft_time_limit",
+        "time_limit",
+    ]
+    list_editable = ["tier", "sla_seconds", "enabled"]
+    list_filter = ["tier", "enabled", "registered"]
+    search_fields = ["name", "description"]
+    fieldsets = [
+        (None, {"fields": CODE_OWNED_FIELDS}),
+        ("Tunables", {"fields": TUNABLE_FIELDS}),
+        ("History", {"fields": ["created_at", "updated_at"], "classes": ["collapse"]}),
+    ]
+    readonly_fields = [*CODE_OWNED_FIELDS, "created_at", "updated_at"]
+
+    def get_changelist_form(self, request, **kwargs):
+        return super().get_changelist_form(request, form=AgentForm, **kwargs)
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+    @admin.display(description="input schema")
+    def input_schema_pretty(self, agent: Agent) -> str | None:
+        return pretty_json(agent.input_schema)
+
+
+@admin.register(Run)
+class RunAdmin(admin.ModelAdmin):
+    """The record of every run: read-only, except through the cancel and run-again actions."""
+
+    list_display = [
+        "id",
+        "agent",
+        "tier",
+        "status",
+        "submitted_by",
+        "submitted_at",
+        "attempts",
+        "queue_wait_ms",
+        "run_ms",
+        "sla_met",
+    ]
+    list_filter = ["status", "tier", "agent", "submitted_at"]
+    list_select_related = ["agent", "submitted_by"]
+    search_fields = ["=id"]
+    search_help_text = "A run's full id."
+    date_hierarchy = "submitted_at"
+    ordering = ["-submitted_at"]
+    show_full_result_count = False
+    actions = ["cancel_runs", "run_again"]
+    fieldsets = [
+        (None, {"fields": ["id", "agent", "agent_version", "tier", "status", "submitted_by", "parent"]}),
+        ("Input and outcome", {"fields": ["input_pretty", "result_pretty", "error_pretty", "error_traceback"]}),
+        ("Timing", {"fields": ["submitted_at", "started_at", "finished_at", "attempts", "queue_wait_ms", "run_ms"]}),
+        ("Promises", {"fields": ["sla_seconds", "sla_met", "soft_time_limit", "time_limit", "max_retries"]}),
+        ("Claim", {"fields": ["worker", "lease_expires_at", "idempotency_key"], "classes": ["collapse"]}),
+    ]
+    readonly_fields = ["input_pretty", "result_pretty", "error_pretty", "error_traceback"]
+
+    def get_search_results(self, request, queryset, search_term):
+        """Find a run by its id; anything that is not a UUID finds nothing."""
+        search_term = search_term.strip()
+        if not search_term:
+            return queryset, False
+        try:
+            run_id = uuid.UUID(search_term)
+        except ValueError:
+            return queryset.none(), False
+        return queryset.filter(pk=run_id), False
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        # The change permission grants the actions on the list; a run's own page stays read-only.
+        return obj is None and super().has_change_permission(request)
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+    @admin.display(description="input")
+    def input_pretty(self, run: Run) -> str | None:
+        return pretty_json(run.input)
+
+    @admin.display(description="result")
+    def result_pretty(self, run: Run) -> str | None:
+        return pretty_json(run.result)
+
+    @admin.display(description="error")
+    def error_pretty(self, run: Run) -> str | None:
+        if not run.error:
+            return None
+        return pretty_json({key: value for key, value in run.error.items() if key != "traceback"})
+
+    @admin.display(description="traceback")
+    def error_traceback(self, run: Run) -> str | None:
+        traceback = (run.error or {}).get("traceback")
+        return format_html("<pre>{}</pre>", traceback) if traceback else None
+
+    @admin.action(description="Cancel selected runs", permissions=["change"])
+    def cancel_runs(self, request, queryset) -> None:
+        cancelled = skipped = 0
+        for run in queryset:
+            try:
+                run_cancel(run=run)
+            except RunNotCancellable:
+                skipped += 1
+            else:
+                cancelled += 1
+        self.message_user(
+            request,
+            f"Cancelled {cancelled} run{pluralize(cancelled)}; skipped {skipped} that had already finished.",
+        )
+
+    @admin.action(description="Run again", permissions=["change"])
+    def run_again(self, request, queryset) -> None:
+        submitted, refused = 0, []
+        for run in queryset:
+            try:
+                run_rerun(run=run, user=request.user)
+            except RunRejected as exc:
+                refused.append(f"{run.pk} ({' '.join(_leaf_messages(exc.errors))})")
+            else:
+                submitted += 1
+        self.message_user(request, f"Submitted {submitted} new run{pluralize(submitted)}.")
+        if refused:
+            self.message_user(request, f"Refused {len(refused)}: {'; '.join(refused)}", level=messages.WARNING)
