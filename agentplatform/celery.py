@@ -36,6 +36,9 @@ app.conf.update(
         "visibility_timeout": 3600,
     },
     beat_scheduler="django_celery_beat.schedulers:DatabaseScheduler",
+    beat_schedule={
+        "sweep": {"task": "agents.sweep", "schedule": settings.SWEEP_INTERVAL_SECONDS},
+    },
     worker_send_task_events=True,
     task_send_sent_event=True,
 )

@@ -140,6 +140,24 @@ RUN_BATCH_MAX_BYTES = env_int("RUN_BATCH_MAX_BYTES", 16 * 1024 * 1024)
 RUN_WAIT_MAX_SECONDS = env_float("RUN_WAIT_MAX_SECONDS", 30)
 # A claimed run's lease lasts its hard time limit plus this grace; past it the run may be claimed again.
 RUN_LEASE_GRACE_SECONDS = env_float("RUN_LEASE_GRACE_SECONDS", 30)
+# Admission: queued runs per tier beyond which submissions get 429 (an agent may set its own limit).
+TIER_BACKLOG_LIMITS = {
+    "critical": env_int("TIER_BACKLOG_LIMIT_CRITICAL", 2_000),
+    "standard": env_int("TIER_BACKLOG_LIMIT_STANDARD", 20_000),
+    "batch": env_int("TIER_BACKLOG_LIMIT_BATCH", 50_000),
+}
+# Batch is refused while critical or standard is past this share of its limit, so batch hits its limit first.
+ADMISSION_BATCH_YIELD_FRACTION = env_float("ADMISSION_BATCH_YIELD_FRACTION", 0.5)
+# Retry-After is the excess backlog over the tier's finish rate in this recent window.
+ADMISSION_DRAIN_WINDOW_SECONDS = env_int("ADMISSION_DRAIN_WINDOW_SECONDS", 60)
+# A standard run still queued after this share of its SLA is also dispatched on the critical queue.
+ESCALATION_SLA_FRACTION = env_float("ESCALATION_SLA_FRACTION", 0.5)
+# The sweeper: how often it runs, how long a queued run settles before it is checked for a lost
+# message, and how late a message may be before it counts as lost.
+SWEEP_INTERVAL_SECONDS = env_float("SWEEP_INTERVAL_SECONDS", 5)
+SWEEP_QUEUED_AFTER_SECONDS = env_float("SWEEP_QUEUED_AFTER_SECONDS", 10)
+SWEEP_MESSAGE_OVERDUE_SECONDS = env_float("SWEEP_MESSAGE_OVERDUE_SECONDS", 300)
+SWEEP_BATCH = env_int("SWEEP_BATCH", 1000)
 RETRY_BACKOFF_BASE_SECONDS = env_float("RETRY_BACKOFF_BASE_SECONDS", 1.0)
 RETRY_BACKOFF_MAX_SECONDS = env_float("RETRY_BACKOFF_MAX_SECONDS", 300.0)
 
@@ -157,6 +175,17 @@ REST_FRAMEWORK = {
     "PAGE_SIZE": env_int("API_PAGE_SIZE", 50),
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "agents.api.errors.exception_handler",
+    # Per-user submission rate ("N/second|minute|hour|day"), counted in the shared Redis cache.
+    "DEFAULT_THROTTLE_RATES": {"submit": env_str("API_SUBMIT_RATE", "6000/minute")},
+}
+
+# The shared cache (throttle counters) lives in Redis under the deployment's prefix.
+CACHES = {
+    "default": {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": REDIS_URL,
+        "KEY_PREFIX": REDIS_KEY_PREFIX + "cache",
+    }
 }
 
 SPECTACULAR_SETTINGS = {

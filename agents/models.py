@@ -3,6 +3,7 @@ import uuid
 from django.conf import settings
 from django.db import models
 from django.db.models import F, Q
+from django.utils import timezone
 
 from scheduling.tiers import Tier
 
@@ -28,6 +29,14 @@ class Agent(models.Model):
     max_retries = models.PositiveSmallIntegerField(default=0, help_text="Attempts after the first.")
     cache_ttl = models.PositiveIntegerField(default=0, help_text="Seconds a result is reused; 0: not cached.")
     enabled = models.BooleanField(default=True, help_text="Disabled agents refuse new runs.")
+    backlog_limit = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        help_text="Queued runs of this agent beyond which submissions get 429 (default: the tier's limit).",
+    )
+    concurrency_limit = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Runs of this agent running at once across all workers (empty: no limit)."
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -56,6 +65,11 @@ class RunStatus(models.TextChoices):
     @classmethod
     def terminal(cls) -> frozenset["RunStatus"]:
         return frozenset({cls.SUCCEEDED, cls.FAILED, cls.CANCELLED, cls.EXPIRED})
+
+
+class SlaMiss(models.TextChoices):
+    QUEUE_WAIT = "queue_wait", "Queue wait"
+    RUN_TIME = "run_time", "Run time"
 
 
 class Run(models.Model):
@@ -88,12 +102,23 @@ class Run(models.Model):
     time_limit = models.FloatField()
     max_retries = models.PositiveSmallIntegerField()
     attempts = models.PositiveSmallIntegerField(default=0, help_text="Attempts started so far.")
-    submitted_at = models.DateTimeField(auto_now_add=True)
+    submitted_at = models.DateTimeField(default=timezone.now)
+    deadline = models.DateTimeField(help_text="submitted_at + SLA, or the client's earlier deadline.")
+    expires_at = models.DateTimeField(null=True, blank=True, help_text="A run not started by then ends expired.")
+    escalate_at = models.DateTimeField(
+        null=True, blank=True, help_text="If still queued then, a standard run is also offered to the critical pool."
+    )
+    escalated_at = models.DateTimeField(
+        null=True, blank=True, help_text="When the run was also dispatched on the critical queue to keep its SLA."
+    )
     started_at = models.DateTimeField(null=True, blank=True, help_text="Start of the latest attempt.")
     finished_at = models.DateTimeField(null=True, blank=True)
     queue_wait_ms = models.PositiveBigIntegerField(null=True, blank=True, help_text="Submission to first start.")
     run_ms = models.PositiveBigIntegerField(null=True, blank=True, help_text="Duration of the final attempt.")
     sla_met = models.BooleanField(null=True, blank=True)
+    sla_miss = models.CharField(
+        max_length=16, choices=SlaMiss.choices, blank=True, help_text="For a missed SLA: the part that overran."
+    )
     worker = models.CharField(max_length=200, blank=True, help_text="Worker that holds or held the claim.")
     lease_expires_at = models.DateTimeField(
         null=True, blank=True, help_text="Until then the claim is the worker's; after it the run may be reclaimed."
@@ -112,6 +137,10 @@ class Run(models.Model):
             models.Index(fields=["status", "tier", "submitted_at"], name="run_status_tier_submitted"),
             models.Index(fields=["submitted_by", "-submitted_at"], name="run_owner_newest"),
             models.Index(fields=["agent", "-submitted_at"], name="run_agent_newest"),
+            models.Index(fields=["status", "lease_expires_at"], name="run_status_lease"),
+            models.Index(fields=["status", "expires_at"], name="run_status_expiry"),
+            models.Index(fields=["finished_at"], name="run_finished"),
+            models.Index(fields=["status", "tier", "escalate_at"], name="run_escalation"),
         ]
 
     def __str__(self) -> str:

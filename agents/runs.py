@@ -3,8 +3,10 @@
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
@@ -19,6 +21,8 @@ from agents.dispatch import run_dispatch
 from agents.errors import PayloadTooLarge, RunNotCancellable, RunRejected
 from agents.models import Agent, Run, RunStatus
 from agents.registry import registry
+from scheduling.admission import HIGHER_TIERS, Backlog, admission_check
+from scheduling.sla import escalation_due, run_deadline
 from scheduling.tiers import Tier
 
 logger = logging.getLogger(__name__)
@@ -34,6 +38,9 @@ class RunRequest:
     input: Any
     tier: str | None = None
     idempotency_key: str | None = None
+    deadline: datetime | None = None
+    expires_in: float | None = None
+    expires_at: datetime | None = None
 
 
 def run_visible_to(user) -> QuerySet[Run]:
@@ -81,10 +88,21 @@ def _build_run(request: RunRequest, *, user, agents: dict[str, Agent], parent: R
         parsed = spec.parse_input(request.input)
     except ValidationError as exc:
         raise RunRejected({"input": input_errors(exc)}) from exc
+    now = timezone.now()
+    tier = Tier(request.tier or agent.tier)
+    if request.deadline is not None and request.deadline <= now:
+        raise RunRejected({"deadline": ["The deadline has already passed."]})
+    if request.expires_in is not None and request.expires_at is not None:
+        raise RunRejected({"expires_at": ["Give expires_in or expires_at, not both."]})
+    expires_at = request.expires_at
+    if request.expires_in is not None:
+        expires_at = now + timedelta(seconds=request.expires_in)
+    if expires_at is not None and expires_at <= now:
+        raise RunRejected({"expires_at": ["The expiry has already passed."]})
     return Run(
         agent=agent,
         agent_version=spec.version,
-        tier=request.tier or agent.tier,
+        tier=tier,
         input=parsed.model_dump(mode="json"),
         submitted_by=user,
         parent=parent,
@@ -93,6 +111,14 @@ def _build_run(request: RunRequest, *, user, agents: dict[str, Agent], parent: R
         soft_time_limit=agent.soft_time_limit,
         time_limit=agent.time_limit,
         max_retries=agent.max_retries,
+        submitted_at=now,
+        deadline=run_deadline(submitted_at=now, sla_seconds=agent.sla_seconds, requested=request.deadline),
+        expires_at=expires_at,
+        escalate_at=escalation_due(
+            submitted_at=now, sla_seconds=agent.sla_seconds, fraction=settings.ESCALATION_SLA_FRACTION
+        )
+        if tier == Tier.STANDARD
+        else None,
     )
 
 
@@ -147,10 +173,49 @@ def _insert_runs(*, user, runs: list[Run]) -> list[tuple[Run, bool]]:
                 existing[key] = run
             new_runs.append(run)
             outcome.append((run, True))
+        _admit(new_runs)
         Run.objects.bulk_create(new_runs)
         if new_runs:
             transaction.on_commit(lambda: _after_submit(new_runs))
     return outcome
+
+
+def _admit(runs: list[Run]) -> None:
+    """Refuse the whole submission (AdmissionRefused) if it would put a tier or an agent over its backlog limit."""
+    yield_fraction = settings.ADMISSION_BATCH_YIELD_FRACTION
+    for tier in {Tier(run.tier) for run in runs}:
+        in_tier = [run for run in runs if run.tier == tier]
+        backlogs = {other: tier_backlog(other) for other in (tier, *HIGHER_TIERS[tier])}
+        # An agent with its own backlog limit is held to that limit instead of the tier's.
+        by_agent = Counter(run.agent for run in in_tier if run.agent.backlog_limit is not None)
+        for agent, incoming in by_agent.items():
+            admission_check(
+                tier=tier, incoming=incoming, backlogs={**backlogs, tier: agent_backlog(agent)},
+                yield_fraction=yield_fraction, label=f"agent {agent.name!r}",
+            )  # fmt: skip
+        if incoming := len(in_tier) - by_agent.total():
+            admission_check(tier=tier, incoming=incoming, backlogs=backlogs, yield_fraction=yield_fraction)
+
+
+def _drain_per_second(runs: QuerySet[Run]) -> float:
+    window = settings.ADMISSION_DRAIN_WINDOW_SECONDS
+    finished = runs.filter(finished_at__gte=timezone.now() - timedelta(seconds=window)).count()
+    return finished / window
+
+
+def tier_backlog(tier: Tier) -> Backlog:
+    """Queued runs of a tier against its limit, and how fast the tier drains."""
+    queued = Run.objects.filter(status=RunStatus.QUEUED, tier=tier).count()
+    limit = settings.TIER_BACKLOG_LIMITS[tier.value]
+    # Draining only matters (and is only counted) when the answer may be a refusal.
+    drain = _drain_per_second(Run.objects.filter(tier=tier)) if queued >= limit * 0.5 else 0.0
+    return Backlog(queued=queued, limit=limit, drain_per_second=drain)
+
+
+def agent_backlog(agent: Agent) -> Backlog:
+    queued = Run.objects.filter(status=RunStatus.QUEUED, agent=agent).count()
+    drain = _drain_per_second(Run.objects.filter(agent=agent)) if queued >= agent.backlog_limit * 0.5 else 0.0
+    return Backlog(queued=queued, limit=agent.backlog_limit, drain_per_second=drain)
 
 
 def _after_submit(runs: list[Run]) -> None:

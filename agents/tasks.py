@@ -1,14 +1,29 @@
 """Celery tasks: thin edges that call the runtime."""
 
+from billiard.exceptions import WorkerLostError
 from celery.exceptions import TimeLimitExceeded
+from celery.worker.request import Request
 
 from agentplatform.celery import PlatformTask, platform_task
-from agents import runtime
+from agents import recovery, runtime
 from agents.dispatch import EXECUTE_RUN_TASK
 from scheduling.tiers import Tier
 
+SWEEP_TASK = "agents.sweep"
+
+
+class ExecuteRunRequest(Request):
+    def on_failure(self, exc_info, send_failed_event=True, return_ok=False):
+        # In the worker's main process, before the message is requeued: a pool process died
+        # mid-run, so end its lease and let the redelivered message claim the run at once.
+        if isinstance(exc_info.exception, WorkerLostError) and self.args:
+            runtime.run_lease_release(run_id=self.args[0], worker=self.hostname)
+        return super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
+
 
 class ExecuteRunTask(PlatformTask):
+    Request = ExecuteRunRequest
+
     def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:
         # Called in the worker's main process when the pool killed the child at the hard limit.
         if isinstance(exc, TimeLimitExceeded) and args:
@@ -19,3 +34,8 @@ class ExecuteRunTask(PlatformTask):
 def execute_run(self, run_id: str) -> None:
     hard_limit = (self.request.timelimit or (None, None))[0] or 0
     runtime.run_execute(run_id=run_id, worker=self.request.hostname, lease_seconds=float(hard_limit))
+
+
+@platform_task(name=SWEEP_TASK, queue=Tier.CRITICAL.queue, soft_time_limit=30, time_limit=60, expires=30)
+def sweep(self) -> None:
+    recovery.sweep()

@@ -1,5 +1,8 @@
+from datetime import timedelta
+
 import factory
 from django.contrib.auth import get_user_model
+from django.utils import timezone
 
 from agents.models import Agent, Run
 
@@ -33,3 +36,5 @@ class RunFactory(factory.django.DjangoModelFactory):
     soft_time_limit = factory.SelfAttribute("agent.soft_time_limit")
     time_limit = factory.SelfAttribute("agent.time_limit")
     max_retries = factory.SelfAttribute("agent.max_retries")
+    submitted_at = factory.LazyFunction(timezone.now)
+    deadline = factory.LazyAttribute(lambda run: run.submitted_at + timedelta(seconds=run.sla_seconds))

@@ -29,6 +29,11 @@ class RunSubmitSerializer(serializers.Serializer):
     input = serializers.JSONField(help_text="A JSON object matching the agent's input_schema.")
     tier = serializers.ChoiceField(choices=Tier.choices, required=False, help_text="Defaults to the agent's tier.")
     idempotency_key = serializers.CharField(max_length=200, required=False)
+    deadline = serializers.DateTimeField(required=False, help_text="Finish by then; the agent's SLA if earlier.")
+    expires_in = serializers.FloatField(
+        required=False, min_value=0.001, help_text="Seconds after which a run that has not started ends expired."
+    )
+    expires_at = serializers.DateTimeField(required=False, help_text="A run not started by then ends expired.")
 
     def to_request(self) -> RunRequest:
         return RunRequest(**self.validated_data)

@@ -6,6 +6,7 @@ from rest_framework import generics, status
 from rest_framework.pagination import PageNumberPagination
 from rest_framework.request import Request
 from rest_framework.response import Response
+from rest_framework.throttling import ScopedRateThrottle
 from rest_framework.views import APIView
 
 from agents.api.serializers import (
@@ -53,7 +54,16 @@ class RunPagination(PageNumberPagination):
     max_page_size = 500
 
 
-class RunListCreateView(generics.ListAPIView):
+class SubmissionThrottled:
+    """Submissions count against the user's submission rate; reads do not."""
+
+    throttle_scope = "submit"
+
+    def get_throttles(self):
+        return [ScopedRateThrottle()] if self.request.method == "POST" else super().get_throttles()
+
+
+class RunListCreateView(SubmissionThrottled, generics.ListAPIView):
     serializer_class = RunSerializer
     pagination_class = RunPagination
 
@@ -77,7 +87,7 @@ class RunListCreateView(generics.ListAPIView):
         return Response(RunSerializer(run).data, status=status.HTTP_201_CREATED if created else status.HTTP_200_OK)
 
 
-class RunBatchView(APIView):
+class RunBatchView(SubmissionThrottled, APIView):
     @extend_schema(request=RunBatchSerializer, responses={201: RunSerializer(many=True)})
     def post(self, request: Request) -> Response:
         """Submit up to RUN_BATCH_MAX_ITEMS runs in one transaction; one invalid item rejects them all."""

@@ -1,0 +1,56 @@
+"""Admission control: refuse work the platform cannot take in time, instead of drowning in it."""
+
+import math
+from dataclasses import dataclass
+
+from scheduling.tiers import Tier
+
+# Batch yields to the tiers above it: while one of them is past a share of its limit, batch is refused.
+HIGHER_TIERS: dict[Tier, tuple[Tier, ...]] = {
+    Tier.BATCH: (Tier.CRITICAL, Tier.STANDARD),
+    Tier.STANDARD: (),
+    Tier.CRITICAL: (),
+}
+MIN_RETRY_AFTER, MAX_RETRY_AFTER = 1, 300
+
+
+class AdmissionRefused(Exception):
+    """The tier (or agent) is over its backlog limit; come back after `retry_after` seconds."""
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class Backlog:
+    queued: int
+    limit: int
+    drain_per_second: float
+
+    def retry_after(self, incoming: int) -> int:
+        """Seconds until enough of the backlog has drained to take `incoming` more."""
+        excess = max(self.queued + incoming - self.limit, 1)
+        if self.drain_per_second <= 0:
+            return 30
+        return min(MAX_RETRY_AFTER, max(MIN_RETRY_AFTER, math.ceil(excess / self.drain_per_second)))
+
+
+def admission_check(
+    *, tier: Tier, incoming: int, backlogs: dict[Tier, Backlog], yield_fraction: float, label: str | None = None
+) -> None:
+    """Raise AdmissionRefused if `incoming` runs would put the tier over its limit, or batch must yield."""
+    own = backlogs[tier]
+    if own.queued + incoming > own.limit:
+        raise AdmissionRefused(
+            f"{label or tier.value} backlog is {own.queued} runs; the limit is {own.limit}.",
+            retry_after=own.retry_after(incoming),
+        )
+    for higher in HIGHER_TIERS[tier]:
+        backlog = backlogs[higher]
+        if backlog.queued > backlog.limit * yield_fraction:
+            raise AdmissionRefused(
+                f"batch yields while the {higher.value} backlog ({backlog.queued}) is over "
+                f"{yield_fraction:.0%} of its limit.",
+                retry_after=backlog.retry_after(0),
+            )
