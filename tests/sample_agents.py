@@ -1,6 +1,7 @@
 """Agents that exist for the test suite (loaded through AGENT_MODULES)."""
 
 import contextlib
+import os
 import time
 
 from pydantic import BaseModel, Field
@@ -26,12 +27,34 @@ class CountInput(BaseModel):
     seconds: float = 0.0
 
 
-@agent(name="test.count", input=CountInput, soft_time_limit=30, time_limit=40)
+@agent(name="test.count", input=CountInput, soft_time_limit=30, time_limit=40, max_retries=2)
 def count(ctx, input: CountInput) -> dict:
-    """Counts its executions in Redis under `key`, then sleeps `seconds`."""
-    executions = redis_client().incr(redis_key("test", "count", input.key))
+    """Counts its starts and completions in Redis under `key`, noting its process id; sleeps `seconds` between."""
+    client = redis_client()
+    executions = client.incr(redis_key("test", "count", input.key))
+    client.set(redis_key("test", "pid", input.key), os.getpid())
     time.sleep(input.seconds)
+    client.incr(redis_key("test", "done", input.key))
     return {"executions": executions}
+
+
+RAISE_TO = """
+local highest = tonumber(redis.call('GET', KEYS[1]) or 0)
+if tonumber(ARGV[1]) > highest then redis.call('SET', KEYS[1], ARGV[1]) end
+"""
+
+
+@agent(name="test.concurrent", input=CountInput, soft_time_limit=30, time_limit=40)
+def concurrent(ctx, input: CountInput) -> dict:
+    """Records in Redis the most runs of itself seen running at once under `key`."""
+    client = redis_client()
+    active = client.incr(redis_key("test", "active", input.key))
+    try:
+        client.eval(RAISE_TO, 1, redis_key("test", "max", input.key), active)
+        time.sleep(input.seconds)
+    finally:
+        client.decr(redis_key("test", "active", input.key))
+    return {"active": active}
 
 
 class StubbornInput(BaseModel):
