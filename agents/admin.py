@@ -8,11 +8,13 @@ from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import ValidationError
 from django.template.defaultfilters import pluralize
+from django.urls import NoReverseMatch, reverse
 from django.utils.html import format_html
 
 from agents.errors import RunNotCancellable, RunRejected
-from agents.models import Agent, Run
+from agents.models import Agent, Run, RunSchedule
 from agents.runs import run_cancel, run_rerun
+from agents.schedules import schedule_delete, schedule_errors, schedule_save
 
 CODE_OWNED_FIELDS = ["name", "version", "description", "registered", "input_schema_pretty"]
 TUNABLE_FIELDS = ["tier", "sla_seconds", "soft_time_limit", "time_limit", "max_retries", "cache_ttl", "enabled"]
@@ -207,3 +209,99 @@ class RunAdmin(admin.ModelAdmin):
         self.message_user(request, f"Submitted {submitted} new run{pluralize(submitted)}.")
         if refused:
             self.message_user(request, f"Refused {len(refused)}: {'; '.join(refused)}", level=messages.WARNING)
+
+
+SCHEDULE_FIELDS = ["name", "agent", "input", "tier", "owner", "enabled"]
+SCHEDULE_TIMING_FIELDS = ["cron", "interval_seconds"]
+
+
+class RunScheduleForm(forms.ModelForm):
+    """A schedule, with the services' checks reported on the field they concern."""
+
+    class Meta:
+        model = RunSchedule
+        fields = [*SCHEDULE_FIELDS, *SCHEDULE_TIMING_FIELDS]
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # Left empty, the operator who saves the schedule owns it (RunScheduleAdmin.save_model).
+        self.fields["owner"].required = False
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean()
+        errors = schedule_errors(
+            agent=cleaned.get("agent"),
+            input=cleaned.get("input"),
+            tier=cleaned.get("tier"),
+            cron=cleaned.get("cron") or "",
+            interval_seconds=cleaned.get("interval_seconds"),
+            enabled=bool(cleaned.get("enabled")),
+        )
+        already = set(self._errors)
+        if already & set(SCHEDULE_TIMING_FIELDS):
+            # A malformed interval reads as a missing one; its own error says enough.
+            errors = {field: value for field, value in errors.items() if field not in SCHEDULE_TIMING_FIELDS}
+        for field, field_messages in errors.items():
+            if field not in already:
+                self.add_error(field, field_messages)
+        return cleaned
+
+
+@admin.register(RunSchedule)
+class RunScheduleAdmin(admin.ModelAdmin):
+    """Agent runs on a cron expression or an interval; every firing submits a normal run for the owner."""
+
+    form = RunScheduleForm
+    list_display = ["name", "agent", "run_tier", "timing", "enabled", "last_run_link", "owner"]
+    list_filter = ["enabled", "agent"]
+    list_select_related = ["agent", "owner", "last_run"]
+    search_fields = ["name"]
+    raw_id_fields = ["owner"]
+    fieldsets = [
+        (None, {"fields": SCHEDULE_FIELDS}),
+        ("When", {"fields": SCHEDULE_TIMING_FIELDS, "description": "A cron expression or an interval, not both."}),
+        ("History", {"fields": ["last_run_link", "periodic_task_link", "created_at", "updated_at"]}),
+    ]
+    readonly_fields = ["last_run_link", "periodic_task_link", "created_at", "updated_at"]
+
+    def get_changeform_initial_data(self, request) -> dict[str, Any]:
+        return {"owner": request.user.pk, **super().get_changeform_initial_data(request)}
+
+    def save_model(self, request, obj: RunSchedule, form, change: bool) -> None:
+        if obj.owner_id is None:
+            obj.owner = request.user
+        schedule_save(schedule=obj)
+
+    def delete_model(self, request, obj: RunSchedule) -> None:
+        schedule_delete(schedule=obj)
+
+    def delete_queryset(self, request, queryset) -> None:
+        for schedule in queryset:
+            schedule_delete(schedule=schedule)
+
+    @admin.display(description="tier")
+    def run_tier(self, schedule: RunSchedule) -> str:
+        return schedule.get_tier_display() if schedule.tier else f"{schedule.agent.get_tier_display()} (agent's)"
+
+    @admin.display(description="cron / interval")
+    def timing(self, schedule: RunSchedule) -> str:
+        return schedule.cron or f"every {schedule.interval_seconds} s"
+
+    @admin.display(description="last run")
+    def last_run_link(self, schedule: RunSchedule) -> str | None:
+        run = schedule.last_run
+        if run is None:
+            return None
+        url = reverse("admin:agents_run_change", args=[run.pk])
+        return format_html('<a href="{}">{}</a> ({})', url, run.submitted_at.strftime("%Y-%m-%d %H:%M:%S"), run.status)
+
+    @admin.display(description="periodic task")
+    def periodic_task_link(self, schedule: RunSchedule) -> str | None:
+        task = schedule.periodic_task
+        if task is None:
+            return None
+        try:
+            url = reverse("admin:django_celery_beat_periodictask_change", args=[task.pk])
+        except NoReverseMatch:
+            return str(task)
+        return format_html('<a href="{}">{}</a>', url, task)

@@ -149,3 +149,76 @@ class Run(models.Model):
     @property
     def is_terminal(self) -> bool:
         return self.status in RunStatus.terminal()
+
+
+class RunSchedule(models.Model):
+    """A standing order to run an agent on an input, by cron expression or every so many seconds.
+
+    Each firing submits one normal run on the owner's behalf. Beat reads the linked PeriodicTask,
+    which agents.schedules keeps in step with this row; edit schedules through those services.
+    """
+
+    name = models.CharField(max_length=100, unique=True)
+    agent = models.ForeignKey(Agent, on_delete=models.PROTECT, related_name="schedules")
+    input = models.JSONField(default=dict, blank=True, help_text="The input of every run, a JSON object.")
+    # NULL, not '', for no tier: the choice is "the agent's tier at firing time", not an empty tier.
+    tier = models.CharField(  # noqa: DJ001
+        max_length=16,
+        choices=Tier.choices,
+        null=True,
+        blank=True,
+        help_text="Tier of the runs (empty: the agent's tier when the schedule fires).",
+    )
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.PROTECT,
+        related_name="run_schedules",
+        help_text="Runs are submitted on this user's behalf, so they see them in the API.",
+    )
+    enabled = models.BooleanField(default=True, help_text="Disabled schedules do not fire.")
+    cron = models.CharField(
+        max_length=200,
+        blank=True,
+        help_text='Crontab expression in UTC: minute hour day-of-month month day-of-week (e.g. "0 6 * * 1-5").',
+    )
+    interval_seconds = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Fire every this many seconds (instead of a cron expression)."
+    )
+    periodic_task = models.OneToOneField(
+        "django_celery_beat.PeriodicTask",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        editable=False,
+        related_name="run_schedule",
+        help_text="The beat entry that fires this schedule; kept in step by agents.schedules.",
+    )
+    last_run = models.ForeignKey(
+        Run,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        editable=False,
+        related_name="+",
+        help_text="The run submitted by the latest firing.",
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [
+            models.CheckConstraint(
+                condition=(Q(cron="") & Q(interval_seconds__isnull=False))
+                | (~Q(cron="") & Q(interval_seconds__isnull=True)),
+                name="run_schedule_cron_xor_interval",
+                violation_error_message="Give either a cron expression or an interval, not both.",
+            ),
+            models.CheckConstraint(
+                condition=Q(interval_seconds__isnull=True) | Q(interval_seconds__gt=0),
+                name="run_schedule_interval_positive",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.name

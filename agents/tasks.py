@@ -5,7 +5,7 @@ from celery.exceptions import TimeLimitExceeded
 from celery.worker.request import Request
 
 from agentplatform.celery import PlatformTask, platform_task
-from agents import recovery, runtime
+from agents import recovery, runtime, schedules
 from agents.dispatch import EXECUTE_RUN_TASK
 from scheduling.tiers import Tier
 
@@ -39,3 +39,9 @@ def execute_run(self, run_id: str) -> None:
 @platform_task(name=SWEEP_TASK, queue=Tier.CRITICAL.queue, soft_time_limit=30, time_limit=60, expires=30)
 def sweep(self) -> None:
     recovery.sweep()
+
+
+@platform_task(name=schedules.FIRE_SCHEDULE_TASK, queue=Tier.CRITICAL.queue, soft_time_limit=10, time_limit=20)
+def fire_schedule(self, schedule_id: int) -> None:
+    # The task id names the firing: a redelivered message submits no second run.
+    schedules.schedule_fire(schedule_id=schedule_id, firing_id=self.request.id)
