@@ -1,0 +1,281 @@
+"""`make up` as a user runs it: the whole stack on a fresh SQLite file, driven over HTTP only."""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+
+ROOT = Path(__file__).resolve().parent.parent
+START_SECONDS = 150
+STOP_SECONDS = 30
+TOKEN_LINE = re.compile(r"API token\s+([0-9a-f]{40})")
+# Loopback only: no proxy from the environment.
+OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def http(method: str, url: str, *, token: str | None = None, body: object = None, timeout: float = 30) -> tuple:
+    """(status, parsed JSON or raw bytes) of one request."""
+    headers = {"Authorization": f"Token {token}"} if token else {}
+    data = None
+    if body is not None:
+        data = json.dumps(body).encode()
+        headers["Content-Type"] = "application/json"
+    request = urllib.request.Request(url, data=data, headers=headers, method=method)
+    try:
+        with OPENER.open(request, timeout=timeout) as response:
+            status, content, kind = response.status, response.read(), response.headers.get_content_type()
+    except urllib.error.HTTPError as exc:
+        status, content, kind = exc.code, exc.read(), exc.headers.get_content_type()
+    return status, json.loads(content) if kind == "application/json" else content
+
+
+def stack_env(tmp_path: Path, **overrides: str) -> dict[str, str]:
+    """This run's environment, on a fresh SQLite file and its own Redis key prefix."""
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if name not in {"DATABASE_URL", "CELERY_BROKER_URL", "MAKEFLAGS", "MFLAGS", "MAKELEVEL"}
+    }
+    env.update(
+        DATA_DIR=str(tmp_path / "data"),
+        STATIC_ROOT=str(tmp_path / "static"),
+        WEB_PORT=str(free_port()),
+        FLOWER_PORT=str(free_port()),
+        ADMIN_PASSWORD="stack-test-password",
+        REDIS_KEY_PREFIX=f"{settings.REDIS_KEY_PREFIX}stack:",
+        AGENT_MODULES="",
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(overrides)
+    return env
+
+
+def proc_table() -> dict[int, tuple[int, str, str]]:
+    """pid -> (parent pid, start time, state) of every process."""
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # The command name may hold spaces and parentheses; the fields after the last ")" do not.
+        fields = stat[stat.rindex(")") + 2 :].split()
+        table[int(entry.name)] = (int(fields[1]), fields[19], fields[0])
+    return table
+
+
+@dataclass
+class ProcessTree:
+    """Every process descended from `root` while it ran, each known by (pid, start time)."""
+
+    root: int
+    seen: set[tuple[int, str]] = field(default_factory=set)
+
+    def collect(self) -> None:
+        table = proc_table()
+        children: dict[int, list[int]] = {}
+        for pid, (ppid, _, _) in table.items():
+            children.setdefault(ppid, []).append(pid)
+        stack = [self.root]
+        while stack:
+            pid = stack.pop()
+            if pid in table:
+                self.seen.add((pid, table[pid][1]))
+            stack.extend(children.get(pid, []))
+
+    def alive(self) -> list[str]:
+        table = proc_table()
+        running = []
+        for pid, started in self.seen:
+            if pid in table and table[pid][1] == started and table[pid][2] != "Z":
+                with suppress(OSError):
+                    command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+                    running.append(f"{pid} {command}")
+        return running
+
+    def kill_all(self) -> None:
+        table = proc_table()
+        for pid, started in self.seen:
+            if pid in table and table[pid][1] == started:
+                with suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+@dataclass
+class Stack:
+    process: subprocess.Popen
+    log: Path
+    tree: ProcessTree
+    web: str
+    flower: str
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def fail(self, reason: str) -> None:
+        pytest.fail(f"{reason}\n--- make up output (last 6000 characters) ---\n{self.output()[-6000:]}")
+
+    def token(self) -> str:
+        match = TOKEN_LINE.search(self.output())
+        if match is None:
+            self.fail("make up printed no API token")
+        return match.group(1)
+
+    def wait_until(self, what: str, ready, deadline: float) -> None:
+        while not ready():
+            if self.process.poll() is not None:
+                self.fail(f"make up exited ({self.process.returncode}) before {what}")
+            if time.monotonic() > deadline:
+                self.fail(f"timed out waiting for {what}")
+            time.sleep(0.25)
+
+    def answers(self, url: str) -> bool:
+        try:
+            return http("GET", url, timeout=5)[0] == 200
+        except OSError:
+            return False
+
+    def run(self, agent: str, input: dict, deadline: float) -> dict:
+        """Submit a run and wait (?wait=20, again if needed) until it has finished."""
+        body = {"agent": agent, "input": input}
+        status, run = http("POST", f"{self.web}/api/v1/runs/", token=self.token(), body=body)
+        if status != 201:
+            self.fail(f"submitting {agent} answered {status}: {run}")
+        while run["status"] in {"queued", "running"} and time.monotonic() < deadline:
+            status, run = http("GET", f"{self.web}/api/v1/runs/{run['id']}/?wait=20", token=self.token())
+            if status != 200:
+                self.fail(f"reading run {run} answered {status}")
+        return run
+
+    def stopped_within(self, seconds: float) -> list[str]:
+        """Wait for make and every process of the stack to end; what is still running after `seconds`."""
+        deadline = time.monotonic() + seconds
+        try:
+            self.process.wait(timeout=seconds)
+        except subprocess.TimeoutExpired:
+            return [f"make ({self.process.pid}) still running", *self.tree.alive()]
+        while (running := self.tree.alive()) and time.monotonic() < deadline:
+            time.sleep(0.25)
+        return running
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _installed() -> None:
+    """The project is installed before `make up` is timed (a no-op when pyproject.toml has not changed)."""
+    subprocess.run(["make", "--silent", ".venv/.installed"], cwd=ROOT, check=True, timeout=600)
+
+
+@contextmanager
+def make_up(tmp_path: Path) -> Iterator[Stack]:
+    """`make up` in its own session; whatever is left of it is killed on the way out."""
+    env = stack_env(tmp_path)
+    log = tmp_path / "make-up.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            ["make", "up"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    tree = ProcessTree(process.pid)
+    watching = threading.Event()
+
+    def watch() -> None:
+        while not watching.is_set():
+            tree.collect()
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    stack = Stack(
+        process=process,
+        log=log,
+        tree=tree,
+        web=f"http://127.0.0.1:{env['WEB_PORT']}",
+        flower=f"http://127.0.0.1:{env['FLOWER_PORT']}",
+    )
+    try:
+        yield stack
+    finally:
+        watching.set()
+        watcher.join()
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        tree.kill_all()
+        process.wait()
+
+
+def serving(stack: Stack) -> None:
+    """Wait until the web server and Flower answer and a run goes through a worker."""
+    deadline = time.monotonic() + START_SECONDS
+    stack.wait_until("the web server", lambda: stack.answers(f"{stack.web}/admin/login/"), deadline)
+    stack.wait_until("Flower", lambda: stack.answers(f"{stack.flower}/healthcheck"), deadline)
+    run = stack.run("echo", {"hello": "world"}, deadline)
+    assert run["status"] == "succeeded", run
+    assert run["result"] == {"hello": "world"}
+    stack.tree.collect()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_make_up_serves_the_platform_and_ctrl_c_stops_all_of_it(tmp_path):
+    with make_up(tmp_path) as stack:
+        serving(stack)
+
+        run = stack.run("text_stats", {"text": "Agents run. Workers work hard!", "top": 2}, time.monotonic() + 60)
+        assert run["status"] == "succeeded", run
+        assert run["result"]["words"] == 5
+        assert run["result"]["sentences"] == 2
+        assert run["result"]["top_terms"] == [{"term": "agents", "count": 1}, {"term": "hard", "count": 1}]
+        for path in ("/admin/login/", "/api/docs/", "/api/schema/"):
+            assert http("GET", f"{stack.web}{path}")[0] == 200, path
+        assert http("GET", f"{stack.flower}/")[0] == 200
+
+        os.killpg(stack.process.pid, signal.SIGINT)
+        assert stack.stopped_within(STOP_SECONDS) == []
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_sigterm_to_make_alone_stops_the_whole_stack(tmp_path):
+    with make_up(tmp_path) as stack:
+        serving(stack)
+
+        stack.process.send_signal(signal.SIGTERM)
+        assert stack.stopped_within(STOP_SECONDS) == []
+
+
+@pytest.mark.timeout(120)
+def test_make_up_without_redis_says_so_in_one_line_and_fails(tmp_path):
+    with socket.socket() as closed:
+        # Bound but not listening: connections to it are refused for as long as it is held.
+        closed.bind(("127.0.0.1", 0))
+        env = stack_env(tmp_path, REDIS_URL=f"redis://127.0.0.1:{closed.getsockname()[1]}/0")
+        done = subprocess.run(
+            ["make", "up"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=90, start_new_session=True
+        )
+
+    output = done.stdout + done.stderr
+    assert done.returncode != 0, output
+    about_redis = [line for line in output.splitlines() if "redis" in line.lower()]
+    assert len(about_redis) == 1, output
+    assert "redis-server" in about_redis[0]
+    assert not (tmp_path / "data").exists()
