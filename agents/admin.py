@@ -2,10 +2,12 @@
 
 import json
 import uuid
+from datetime import timedelta
 from typing import Any
 
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.admin.views.main import ChangeList
 from django.core.exceptions import ValidationError
 from django.template.defaultfilters import pluralize
 from django.urls import NoReverseMatch, reverse
@@ -15,6 +17,10 @@ from agents.errors import RunNotCancellable, RunRejected
 from agents.models import Agent, Run, RunSchedule
 from agents.runs import run_cancel, run_rerun
 from agents.schedules import schedule_delete, schedule_errors, schedule_save
+from agents.stats import StatsBlock, agent_stats
+
+# The window of the agent list's SLA and run-time columns.
+AGENT_LIST_STATS_WINDOW = timedelta(hours=1)
 
 CODE_OWNED_FIELDS = ["name", "version", "description", "registered", "input_schema_pretty"]
 TUNABLE_FIELDS = ["tier", "sla_seconds", "soft_time_limit", "time_limit", "max_retries", "cache_ttl", "enabled"]
@@ -67,6 +73,30 @@ def _positive(seconds: float) -> float:
     return seconds
 
 
+class AgentChangeList(ChangeList):
+    """Gives each agent on the page its recent run figures (`agent.recent_stats`), from one grouped query."""
+
+    def get_results(self, request) -> None:
+        super().get_results(request)
+        # Iterating fills the page queryset's cache, which the rows and the list_editable formset both read.
+        agents = list(self.result_list)
+        stats = agent_stats(
+            runs=Run.objects.filter(agent__in=agents),
+            window=AGENT_LIST_STATS_WINDOW,
+            names=[agent.name for agent in agents],
+        )
+        for agent in agents:
+            agent.recent_stats = stats[agent.name]
+
+
+def _recent_stats(agent: Agent) -> StatsBlock:
+    """The figures AgentChangeList attached, or (for an agent shown elsewhere) its own."""
+    stats = getattr(agent, "recent_stats", None)
+    if stats is None:
+        stats = agent_stats(runs=agent.runs.all(), window=AGENT_LIST_STATS_WINDOW, names=[agent.name])[agent.name]
+    return stats
+
+
 @admin.register(Agent)
 class AgentAdmin(admin.ModelAdmin):
     """Agents come from code; operators change only the tunables."""
@@ -83,6 +113,8 @@ class AgentAdmin(admin.ModelAdmin):
         "max_retries",
         "soft_time_limit",
         "time_limit",
+        "sla_compliance_recent",
+        "p95_run_ms_recent",
     ]
     list_editable = ["tier", "sla_seconds", "enabled"]
     list_filter = ["tier", "enabled", "registered"]
@@ -96,6 +128,17 @@ class AgentAdmin(admin.ModelAdmin):
 
     def get_changelist_form(self, request, **kwargs):
         return super().get_changelist_form(request, form=AgentForm, **kwargs)
+
+    def get_changelist(self, request, **kwargs) -> type[ChangeList]:
+        return AgentChangeList
+
+    @admin.display(description="SLA % (1h)")
+    def sla_compliance_recent(self, agent: Agent) -> float | None:
+        return _recent_stats(agent)["sla_compliance"]
+
+    @admin.display(description="p95 run ms (1h)")
+    def p95_run_ms_recent(self, agent: Agent) -> float | None:
+        return _recent_stats(agent)["run_ms"]["p95"]
 
     def has_add_permission(self, request) -> bool:
         return False

@@ -4,7 +4,7 @@ import factory
 from django.contrib.auth import get_user_model
 from django.utils import timezone
 
-from agents.models import Agent, Run
+from agents.models import Agent, Run, RunStatus
 
 
 class UserFactory(factory.django.DjangoModelFactory):
@@ -38,3 +38,14 @@ class RunFactory(factory.django.DjangoModelFactory):
     max_retries = factory.SelfAttribute("agent.max_retries")
     submitted_at = factory.LazyFunction(timezone.now)
     deadline = factory.LazyAttribute(lambda run: run.submitted_at + timedelta(seconds=run.sla_seconds))
+
+    class Params:
+        # Succeeded within its SLA, with timings consistent with queue_wait_ms and run_ms (override any of them).
+        finished = factory.Trait(
+            status=RunStatus.SUCCEEDED,
+            queue_wait_ms=10,
+            run_ms=100,
+            sla_met=True,
+            started_at=factory.LazyAttribute(lambda run: run.submitted_at + timedelta(milliseconds=run.queue_wait_ms)),
+            finished_at=factory.LazyAttribute(lambda run: run.started_at + timedelta(milliseconds=run.run_ms)),
+        )

@@ -1,8 +1,11 @@
+from datetime import timedelta
+
 from django.conf import settings
 from rest_framework import serializers
 
 from agents.models import Agent, Run, RunStatus
 from agents.runs import RunRequest
+from agents.stats import parse_window
 from scheduling.tiers import Tier
 
 
@@ -90,3 +93,56 @@ class RunWaitQuerySerializer(serializers.Serializer):
         max_value=settings.RUN_WAIT_MAX_SECONDS,
         help_text="Seconds to wait for the run to finish before answering.",
     )
+
+
+class StatsQuerySerializer(serializers.Serializer):
+    window = serializers.CharField(
+        required=False,
+        default="1h",
+        help_text="How far back to count runs by submission time: a whole number and a unit, "
+        "e.g. 30s, 15m, 1h, 1d (at most 7d).",
+    )
+
+    def validate_window(self, value: str) -> timedelta:
+        try:
+            return parse_window(value)
+        except ValueError as exc:
+            raise serializers.ValidationError(str(exc)) from exc
+
+
+class PercentilesSerializer(serializers.Serializer):
+    p50 = serializers.FloatField(allow_null=True)
+    p95 = serializers.FloatField(allow_null=True)
+    p99 = serializers.FloatField(allow_null=True)
+
+
+class RunCountsSerializer(serializers.Serializer):
+    queued = serializers.IntegerField()
+    running = serializers.IntegerField()
+    succeeded = serializers.IntegerField()
+    failed = serializers.IntegerField()
+    cancelled = serializers.IntegerField()
+    expired = serializers.IntegerField()
+
+
+class StatsBlockSerializer(serializers.Serializer):
+    runs = RunCountsSerializer(help_text="Runs submitted in the window, by status.")
+    sla_compliance = serializers.FloatField(
+        allow_null=True, help_text="Percent of the window's finished runs that met their SLA; null when none finished."
+    )
+    queue_wait_ms = PercentilesSerializer(help_text="Submission to first start, over the window's finished runs.")
+    run_ms = PercentilesSerializer(help_text="Duration of the final attempt, over the window's finished runs.")
+    backlog = serializers.IntegerField(help_text="Runs queued now, whenever submitted.")
+
+
+class TierStatsSerializer(serializers.Serializer):
+    critical = StatsBlockSerializer()
+    standard = StatsBlockSerializer()
+    batch = StatsBlockSerializer()
+
+
+class StatsSerializer(serializers.Serializer):
+    window_seconds = serializers.IntegerField()
+    generated_at = serializers.DateTimeField()
+    tiers = TierStatsSerializer()
+    agents = serializers.DictField(child=StatsBlockSerializer(), help_text="Keyed by agent name.")

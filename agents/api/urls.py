@@ -9,4 +9,5 @@ urlpatterns = [
     path("runs/batch/", views.RunBatchView.as_view(), name="run-batch"),
     path("runs/<uuid:run_id>/", views.RunDetailView.as_view(), name="run-detail"),
     path("runs/<uuid:run_id>/cancel/", views.RunCancelView.as_view(), name="run-cancel"),
+    path("stats/", views.StatsView.as_view(), name="stats"),
 ]

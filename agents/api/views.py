@@ -16,10 +16,13 @@ from agents.api.serializers import (
     RunSerializer,
     RunSubmitSerializer,
     RunWaitQuerySerializer,
+    StatsQuerySerializer,
+    StatsSerializer,
 )
 from agents.errors import PayloadTooLarge
 from agents.models import Agent, Run
 from agents.runs import run_cancel, run_list, run_submit, run_submit_many, run_visible_to, run_wait
+from agents.stats import run_stats
 
 # Room for the fields around a maximal input in a single submission.
 ENVELOPE_BYTES = 16 * 1024
@@ -114,3 +117,14 @@ class RunCancelView(APIView):
         """Cancel a queued or running run; 409 if it already finished."""
         run = run_cancel(run=visible_run(request, run_id))
         return Response(RunSerializer(run).data)
+
+
+class StatsView(APIView):
+    @extend_schema(parameters=[StatsQuerySerializer], responses=StatsSerializer)
+    def get(self, request: Request) -> Response:
+        """Per tier and per agent, over your runs (all runs for staff) submitted within the window:
+        runs by status, SLA compliance, queue-wait and run-time percentiles, and the backlog queued now."""
+        query = StatsQuerySerializer(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        stats = run_stats(runs=run_visible_to(request.user), window=query.validated_data["window"])
+        return Response(StatsSerializer(stats).data)
