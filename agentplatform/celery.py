@@ -5,7 +5,9 @@ from collections.abc import Callable
 from typing import Any
 
 from celery import Celery, Task
+from celery.signals import task_prerun
 from django.conf import settings
+from django.db import close_old_connections
 from kombu import Queue
 
 from scheduling.tiers import Tier
@@ -39,10 +41,23 @@ app.conf.update(
     beat_schedule={
         "sweep": {"task": "agents.sweep", "schedule": settings.SWEEP_INTERVAL_SECONDS},
     },
-    worker_send_task_events=True,
-    task_send_sent_event=True,
+    # Per-task events feed Flower's task views; they cost every task a few publishes, so they are
+    # off unless asked for (Flower shows workers and queues either way).
+    worker_send_task_events=settings.WORKER_SEND_TASK_EVENTS,
 )
+# Celery's Django fixup closes every database connection before and after each task and, in a
+# prefork pool, tears down Django's connection pool with them: a new connection per task. With a
+# reuse count it does so only every few thousand tasks; Django's own check, before each task,
+# still drops a broken connection (or hands a pooled one back).
+app.conf.update(CELERY_DB_REUSE_MAX=settings.WORKER_DB_REUSE_MAX)
 app.autodiscover_tasks()
+
+
+@task_prerun.connect
+def _drop_unusable_connections(task: Task, **kwargs: Any) -> None:
+    # An eagerly applied task runs inside its caller's transaction: leave that connection alone.
+    if not getattr(task.request, "is_eager", False):
+        close_old_connections()
 
 
 class PlatformTask(Task):

@@ -1,4 +1,4 @@
-"""The process's Redis connection and the one prefix every key and channel carries."""
+"""The process's Redis client and the one prefix every key and channel carries."""
 
 from functools import lru_cache
 
@@ -6,14 +6,16 @@ import redis
 from django.conf import settings
 
 
-@lru_cache(maxsize=1)
-def _pool(url: str) -> redis.ConnectionPool:
-    return redis.ConnectionPool.from_url(url, health_check_interval=30)
+@lru_cache(maxsize=4)
+def _client(url: str) -> redis.Redis:
+    # One client per process: building one costs more than a round trip, and it is thread-safe.
+    # Its pool notices a fork and opens new connections in the child.
+    return redis.Redis.from_url(url, health_check_interval=30)
 
 
 def redis_client() -> redis.Redis:
-    """A client on the process-wide pool (safe to share between threads)."""
-    return redis.Redis(connection_pool=_pool(settings.REDIS_URL))
+    """The process-wide client (safe to share between threads)."""
+    return _client(settings.REDIS_URL)
 
 
 def redis_key(*parts: object) -> str:

@@ -89,8 +89,17 @@ DATABASES = {
     "default": dj_database_url.parse(
         env_str("DATABASE_URL", f"sqlite:///{DATA_DIR / 'agentplatform.sqlite3'}"),
         conn_max_age=env_int("DATABASE_CONN_MAX_AGE", 0),
+        conn_health_checks=True,
     )
 }
+if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql" and env_bool("DATABASE_POOL", True):
+    # Each web request and each Celery task closes its connection (Celery's Django fixup does so
+    # after every task); with a pool, closing hands the connection back instead of ending it.
+    DATABASES["default"]["CONN_MAX_AGE"] = 0
+    DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+        "min_size": env_int("DATABASE_POOL_MIN_SIZE", 1),
+        "max_size": env_int("DATABASE_POOL_MAX_SIZE", 10),
+    }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # Web, three workers and beat write to one file: WAL lets readers proceed during a write,
     # IMMEDIATE takes the write lock up front instead of failing on upgrade.
@@ -129,6 +138,9 @@ REDIS_KEY_PREFIX = env_str("REDIS_KEY_PREFIX", "ap:")
 # Celery (read by agentplatform/celery.py through the CELERY_ namespace).
 CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", REDIS_URL)
 CELERY_TIMEZONE = TIME_ZONE
+WORKER_SEND_TASK_EVENTS = env_bool("WORKER_SEND_TASK_EVENTS", False)
+# Tasks a worker process runs between closing its database connections (see agentplatform/celery.py).
+WORKER_DB_REUSE_MAX = env_int("WORKER_DB_REUSE_MAX", 1000)
 
 # Agents: modules imported by the registry besides the built-ins and every app's agents.py.
 AGENT_MODULES = env_list("AGENT_MODULES")

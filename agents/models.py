@@ -140,6 +140,7 @@ class Run(models.Model):
             models.Index(fields=["status", "lease_expires_at"], name="run_status_lease"),
             models.Index(fields=["status", "expires_at"], name="run_status_expiry"),
             models.Index(fields=["finished_at"], name="run_finished"),
+            models.Index(fields=["submitted_at"], name="run_submitted"),
             models.Index(fields=["status", "tier", "escalate_at"], name="run_escalation"),
         ]
 

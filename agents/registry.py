@@ -17,6 +17,7 @@ AGENT_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_.-]{0,99}$")
 BUILTIN_MODULES = (
     "agents.builtin.echo",
     "agents.builtin.sleep",
+    "agents.builtin.spin",
     "agents.builtin.text_stats",
     "agents.builtin.factorize",
 )

@@ -123,7 +123,8 @@ def _build_run(request: RunRequest, *, user, agents: dict[str, Agent], parent: R
 
 
 def _agents_named(names: set[str]) -> dict[str, Agent]:
-    return {agent.name: agent for agent in Agent.objects.filter(name__in=names)}
+    agents = Agent.objects.filter(name__in=names).defer("input_schema", "description")
+    return {agent.name: agent for agent in agents}
 
 
 def run_submit(*, user, request: RunRequest, parent: Run | None = None) -> tuple[Run, bool]:

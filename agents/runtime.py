@@ -32,7 +32,12 @@ def run_claim(*, run_id: str, worker: str, lease_seconds: float) -> Run | None:
     None means this delivery does nothing: someone else holds the run, it is cancelled,
     finished or expired, or its agent is at its concurrency limit (the run then waits for a slot).
     """
-    run = Run.objects.select_related("agent", "submitted_by").filter(pk=run_id).first()
+    run = (
+        Run.objects.select_related("agent")
+        .defer("result", "error", "agent__input_schema", "agent__description")
+        .filter(pk=run_id)
+        .first()
+    )
     if run is None:
         return None
     now = timezone.now()

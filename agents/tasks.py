@@ -1,5 +1,6 @@
 """Celery tasks: thin edges that call the runtime."""
 
+from billiard.einfo import ExceptionWithTraceback
 from billiard.exceptions import WorkerLostError
 from celery.exceptions import TimeLimitExceeded
 from celery.worker.request import Request
@@ -16,7 +17,10 @@ class ExecuteRunRequest(Request):
     def on_failure(self, exc_info, send_failed_event=True, return_ok=False):
         # In the worker's main process, before the message is requeued: a pool process died
         # mid-run, so end its lease and let the redelivered message claim the run at once.
-        if isinstance(exc_info.exception, WorkerLostError) and self.args:
+        exc = exc_info.exception
+        if isinstance(exc, ExceptionWithTraceback):
+            exc = exc.exc
+        if isinstance(exc, WorkerLostError) and self.args:
             runtime.run_lease_release(run_id=self.args[0], worker=self.hostname)
         return super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
 

@@ -74,7 +74,11 @@ class RunSerializer(serializers.ModelSerializer):
             "queue_wait_ms",
             "run_ms",
             "sla_seconds",
+            "deadline",
             "sla_met",
+            "sla_miss",
+            "expires_at",
+            "escalated_at",
         ]
         read_only_fields = fields
 
