@@ -100,6 +100,12 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql" and env_boo
         "min_size": env_int("DATABASE_POOL_MIN_SIZE", 1),
         "max_size": env_int("DATABASE_POOL_MAX_SIZE", 10),
     }
+if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    # Workers run with "off" (see the Procfile): their run-state writes need not wait for the WAL
+    # flush. A PostgreSQL crash may then forget their last fraction of a second of claims and
+    # finishes, which the sweeper redoes (runs are at-least-once); submissions stay synchronous.
+    synchronous_commit = env_str("DATABASE_SYNCHRONOUS_COMMIT", "on")
+    DATABASES["default"].setdefault("OPTIONS", {})["options"] = f"-c synchronous_commit={synchronous_commit}"
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # Web, three workers and beat write to one file: WAL lets readers proceed during a write,
     # IMMEDIATE takes the write lock up front instead of failing on upgrade.

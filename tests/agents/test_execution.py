@@ -81,6 +81,13 @@ def test_factorize_runs_on_the_batch_worker(api):
     assert Run.objects.get(pk=run["id"]).worker.startswith("batch-")
 
 
+def test_spin_burns_cpu_on_a_worker(api):
+    run = wait(api, submit(api, "spin", {"ms": 5})["id"])
+
+    assert run["status"] == "succeeded"
+    assert run["result"]["cpu_ms"] >= 5
+
+
 @pytest.mark.parametrize("tier", list(Tier))
 def test_each_tier_is_run_by_its_own_worker(api, tier):
     run = wait(api, submit(api, "echo", {}, tier=tier.value)["id"])
