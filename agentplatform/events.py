@@ -9,13 +9,17 @@ A run event is one JSON object, published on the run's, its agent's and the glob
 """
 
 import json
+import logging
 import re
 from collections.abc import Iterable
 from typing import Any
 
+import redis
 from django.utils import timezone
 
 from agentplatform.redis_client import redis_client, redis_key
+
+logger = logging.getLogger(__name__)
 
 RUN_EVENTS = ("queued", "started", "retrying", "succeeded", "failed", "cancelled", "expired")
 TOPIC_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,99}$")
@@ -63,14 +67,29 @@ def run_event(*, event: str, run_id: object, agent: str, tier: str, status: str,
 
 
 def publish_run_events(events: Iterable[dict[str, Any]]) -> None:
-    """Publish run events on their run, agent and global channels in one round trip."""
+    """Publish run events on their run, agent and global channels in one round trip.
+
+    Best effort: the run row is the truth and is already written, so a Redis failure is logged,
+    not raised; a waiter that misses an event finds the outcome when it reads the row again.
+    """
     pipe = redis_client().pipeline(transaction=False)
     for event in events:
         payload = json.dumps(event)
         pipe.publish(run_channel(event["run"]), payload)
         pipe.publish(agent_channel(event["agent"]), payload)
         pipe.publish(all_channel(), payload)
-    pipe.execute()
+    try:
+        pipe.execute()
+    except redis.RedisError:
+        logger.exception("could not publish run events")
+
+
+def publish_cancel(run_id: object) -> None:
+    """Tell every worker process that the run is cancelled (best effort, like run events)."""
+    try:
+        redis_client().publish(cancel_channel(), str(run_id))
+    except redis.RedisError:
+        logger.exception("could not publish the cancellation of run %s", run_id)
 
 
 def publish_topic(topic: str, message: Any) -> int:

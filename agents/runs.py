@@ -243,7 +243,7 @@ def run_cancel(*, run: Run) -> Run:
     run.refresh_from_db()
     if not cancelled:
         raise RunNotCancellable(run.status)
-    redis_client().publish(events.cancel_channel(), str(run.pk))
+    events.publish_cancel(run.pk)
     events.publish_run_events(
         [
             events.run_event(

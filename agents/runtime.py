@@ -246,19 +246,11 @@ def run_hard_time_limit_exceeded(*, run_id: str, limit: float) -> bool:
 
 
 def _publish(run: Run, event: str) -> None:
-    try:
-        events.publish_run_events(
-            [
-                events.run_event(
-                    event=event,
-                    run_id=run.pk,
-                    agent=run.agent.name,
-                    tier=run.tier,
-                    status=run.status,
-                    attempt=run.attempts,
-                )
-            ]
-        )
-    except Exception:
-        # The row is the truth and is already written; a lost event only delays a waiter's recheck.
-        logger.exception("could not publish %s event for run %s", event, run.pk)
+    events.publish_run_events(
+        [
+            events.run_event(
+                event=event, run_id=run.pk, agent=run.agent.name, tier=run.tier, status=run.status,
+                attempt=run.attempts,
+            )
+        ]
+    )  # fmt: skip
