@@ -234,6 +234,17 @@ def serving(stack: Stack) -> None:
     stack.tree.collect()
 
 
+def tier_workers(stack: Stack) -> dict[str, list[int]]:
+    """The pids of each tier's worker processes (main process and pool), by tier."""
+    workers: dict[str, list[int]] = {}
+    for pid, _ in stack.tree.seen:
+        with suppress(OSError):
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if b"worker" in command and b"-Q" in command:
+                workers.setdefault(command[command.index(b"-Q") + 1].decode(), []).append(pid)
+    return workers
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_make_up_serves_the_platform_and_ctrl_c_stops_all_of_it(tmp_path):
@@ -248,6 +259,12 @@ def test_make_up_serves_the_platform_and_ctrl_c_stops_all_of_it(tmp_path):
         for path in ("/admin/login/", "/api/docs/", "/api/schema/"):
             assert http("GET", f"{stack.web}{path}")[0] == 200, path
         assert http("GET", f"{stack.flower}/")[0] == 200
+        # Batch work only gets the CPU that nothing else wants; the other tiers run normally.
+        workers = tier_workers(stack)
+        assert set(workers) == {"critical", "standard", "batch"}
+        assert {os.sched_getscheduler(pid) for pid in workers["batch"]} == {os.SCHED_IDLE}
+        assert {os.getpriority(os.PRIO_PROCESS, pid) for pid in workers["batch"]} == {19}
+        assert {os.sched_getscheduler(pid) for pid in workers["critical"]} == {os.SCHED_OTHER}
 
         os.killpg(stack.process.pid, signal.SIGINT)
         assert stack.stopped_within(STOP_SECONDS) == []
