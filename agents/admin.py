@@ -18,6 +18,7 @@ from agents.models import Agent, Run, RunSchedule
 from agents.runs import run_cancel, run_rerun
 from agents.schedules import schedule_delete, schedule_errors, schedule_save
 from agents.stats import StatsBlock, agent_stats
+from caching.results import result_cache_clear
 
 # The window of the agent list's SLA and run-time columns.
 AGENT_LIST_STATS_WINDOW = timedelta(hours=1)
@@ -102,6 +103,7 @@ class AgentAdmin(admin.ModelAdmin):
     """Agents come from code; operators change only the tunables."""
 
     form = AgentForm
+    actions = ["clear_cache"]
     list_display = [
         "name",
         "version",
@@ -149,6 +151,13 @@ class AgentAdmin(admin.ModelAdmin):
     @admin.display(description="input schema")
     def input_schema_pretty(self, agent: Agent) -> str | None:
         return pretty_json(agent.input_schema)
+
+    @admin.action(description="Clear cached results", permissions=["change"])
+    def clear_cache(self, request, queryset) -> None:
+        removed = sum(result_cache_clear(agent.name) for agent in queryset)
+        self.message_user(
+            request, f"Removed {removed} cached result{pluralize(removed)} of {queryset.count()} agent(s)."
+        )
 
 
 @admin.register(Run)

@@ -116,6 +116,7 @@ class Run(models.Model):
     queue_wait_ms = models.PositiveBigIntegerField(null=True, blank=True, help_text="Submission to first start.")
     run_ms = models.PositiveBigIntegerField(null=True, blank=True, help_text="Duration of the final attempt.")
     sla_met = models.BooleanField(null=True, blank=True)
+    cached = models.BooleanField(default=False, help_text="Answered from the result cache, without running.")
     sla_miss = models.CharField(
         max_length=16, choices=SlaMiss.choices, blank=True, help_text="For a missed SLA: the part that overran."
     )

@@ -21,6 +21,7 @@ from agents.dispatch import run_dispatch
 from agents.errors import PayloadTooLarge, RunNotCancellable, RunRejected
 from agents.models import Agent, Run, RunStatus
 from agents.registry import registry
+from caching.results import result_cache_get_many
 from scheduling.admission import HIGHER_TIERS, Backlog, admission_check
 from scheduling.sla import escalation_due, run_deadline
 from scheduling.tiers import Tier
@@ -41,6 +42,8 @@ class RunRequest:
     deadline: datetime | None = None
     expires_in: float | None = None
     expires_at: datetime | None = None
+    # "use": answer from the result cache when it holds this input; "bypass": always run.
+    cache: str = "use"
 
 
 def run_visible_to(user) -> QuerySet[Run]:
@@ -147,6 +150,7 @@ def run_submit_many(*, user, requests: Sequence[RunRequest], parent: Run | None 
             if len(requests) == 1:
                 raise
             raise type(exc)({"runs": {str(index): exc.errors}}) from exc
+    _answer_from_cache([run for run, request in zip(built, requests, strict=True) if request.cache != "bypass"])
     try:
         return _insert_runs(user=user, runs=built)
     except IntegrityError:
@@ -174,7 +178,8 @@ def _insert_runs(*, user, runs: list[Run]) -> list[tuple[Run, bool]]:
                 existing[key] = run
             new_runs.append(run)
             outcome.append((run, True))
-        _admit(new_runs)
+        queued = [run for run in new_runs if run.status == RunStatus.QUEUED]
+        _admit(queued)
         Run.objects.bulk_create(new_runs)
         if new_runs:
             transaction.on_commit(lambda: _after_submit(new_runs))
@@ -219,16 +224,34 @@ def agent_backlog(agent: Agent) -> Backlog:
     return Backlog(queued=queued, limit=agent.backlog_limit, drain_per_second=drain)
 
 
+def _answer_from_cache(runs: list[Run]) -> None:
+    """Finish at once, as succeeded and cached, the runs of cacheable agents whose result is cached."""
+    cacheable = [run for run in runs if run.agent.cache_ttl > 0]
+    hits = result_cache_get_many([(run.agent.name, run.agent_version, run.input) for run in cacheable])
+    for run, hit in zip(cacheable, hits, strict=True):
+        if hit is None:
+            continue
+        run.status, run.result, run.cached = RunStatus.SUCCEEDED, hit.result, True
+        run.started_at = run.finished_at = run.submitted_at
+        run.queue_wait_ms = run.run_ms = 0
+        run.sla_met, run.escalate_at = True, None
+
+
 def _after_submit(runs: list[Run]) -> None:
+    queued = [run for run in runs if run.status == RunStatus.QUEUED]
     try:
-        run_dispatch(runs)
+        run_dispatch(queued)
     except Exception:
         # The runs are stored and stay queued: the caller must not see a failure and submit them again.
-        logger.exception("could not dispatch %d queued runs; they stay queued until re-dispatched", len(runs))
-        return
+        logger.exception("could not dispatch %d queued runs; they stay queued until re-dispatched", len(queued))
     events.publish_run_events(
         events.run_event(
-            event="queued", run_id=run.id, agent=run.agent.name, tier=run.tier, status=run.status, attempt=0
+            event="queued" if run.status == RunStatus.QUEUED else "succeeded",
+            run_id=run.id,
+            agent=run.agent.name,
+            tier=run.tier,
+            status=run.status,
+            attempt=run.attempts,
         )
         for run in runs
     )

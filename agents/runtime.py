@@ -19,6 +19,7 @@ from agents.dispatch import message_parked, message_received, run_dispatch
 from agents.errors import AgentNotRegistered, RunCancelled
 from agents.models import Run, RunStatus, SlaMiss
 from agents.registry import registry
+from caching.results import result_cache_put
 from scheduling.concurrency import slot_acquire, slot_release, slot_wait
 from scheduling.retries import retry_delay
 from scheduling.sla import sla_outcome
@@ -192,6 +193,10 @@ def run_succeeded(*, run: Run, result: Any, run_ms: int) -> bool:
     )
     if written:
         run.status = RunStatus.SUCCEEDED
+        if run.agent.cache_ttl > 0:
+            result_cache_put(
+                agent=run.agent.name, version=run.agent_version, input=run.input, result=result, ttl=run.agent.cache_ttl
+            )
         _publish(run, "succeeded")
     return bool(written)
 

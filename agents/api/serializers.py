@@ -37,6 +37,10 @@ class RunSubmitSerializer(serializers.Serializer):
         required=False, min_value=0.001, help_text="Seconds after which a run that has not started ends expired."
     )
     expires_at = serializers.DateTimeField(required=False, help_text="A run not started by then ends expired.")
+    cache = serializers.ChoiceField(
+        choices=["use", "bypass"], required=False, default="use",
+        help_text="use: answer at once from the result cache when it holds this input; bypass: always run.",
+    )  # fmt: skip
 
     def to_request(self) -> RunRequest:
         return RunRequest(**self.validated_data)
@@ -77,6 +81,7 @@ class RunSerializer(serializers.ModelSerializer):
             "deadline",
             "sla_met",
             "sla_miss",
+            "cached",
             "expires_at",
             "escalated_at",
         ]

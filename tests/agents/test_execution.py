@@ -10,6 +10,7 @@ from agentplatform.redis_client import redis_client, redis_key
 from agents.dispatch import EXECUTE_RUN_TASK
 from agents.models import Agent, Run, RunStatus
 from scheduling.tiers import Tier
+from tests.factories import RunFactory
 
 pytestmark = pytest.mark.usefixtures("transactional_db", "workers")
 
@@ -228,17 +229,15 @@ def test_a_redelivered_message_for_a_finished_run_does_nothing(api):
 
 
 def test_a_worker_never_runs_an_agent_the_code_does_not_declare(api):
-    Agent.objects.create(name="os.system", version="1", sla_seconds=5, soft_time_limit=5, time_limit=5)
-    echo = submit(api, "echo", {"command": "true"})
-    # Point an existing run at the rogue row, as a tampered database would.
-    Run.objects.filter(pk=echo["id"]).update(
-        agent=Agent.objects.get(name="os.system"), status=RunStatus.QUEUED, attempts=0
-    )
-    app.send_task(EXECUTE_RUN_TASK, args=[echo["id"]], queue=Tier.STANDARD.queue)
+    # A row a tampered database could hold: it names no code the registry knows.
+    rogue = Agent.objects.create(name="os.system", version="1", sla_seconds=5, soft_time_limit=5, time_limit=5)
+    run = RunFactory(agent=rogue, input={"command": "true"}, submitted_by=api.user)
+    app.send_task(EXECUTE_RUN_TASK, args=[str(run.pk)], queue=Tier.STANDARD.queue)
 
-    run = wait_for_status(echo["id"], RunStatus.FAILED)
+    failed = wait_for_status(str(run.pk), RunStatus.FAILED)
 
-    assert run.error["type"] == "AgentNotRegistered"
+    assert failed.error["type"] == "AgentNotRegistered"
+    assert failed.result is None
 
 
 def test_an_agent_submits_child_runs_and_publishes_on_topics(api):

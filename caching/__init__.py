@@ -1,0 +1,1 @@
+"""Redis-backed caches shared by every process: agent results (and, later, memoized functions)."""

@@ -1,0 +1,70 @@
+"""The shared result cache: the same input to the same agent version is computed once.
+
+Entries live under `<prefix>result:<agent>:<version>:<sha256 of canonical JSON input>`, hold the
+result inside a wrapper (so that a cached null differs from a miss) and expire with the agent's
+cache TTL. A new agent version makes the old entries unreachable; they expire on their own.
+"""
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from agentplatform.redis_client import redis_client, redis_key
+
+logger = logging.getLogger(__name__)
+
+
+def input_hash(input: Any) -> str:
+    """sha256 of the input's canonical JSON: key order and whitespace do not matter."""
+    canonical = json.dumps(input, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def result_key(agent: str, version: str, digest: str) -> str:
+    return redis_key("result", agent, version, digest)
+
+
+@dataclass(frozen=True)
+class CachedResult:
+    result: Any
+
+
+def result_cache_get_many(entries: list[tuple[str, str, Any]]) -> list[CachedResult | None]:
+    """Look up (agent, version, input) entries in one round trip; None for a miss."""
+    if not entries:
+        return []
+    keys = [result_key(agent, version, input_hash(input)) for agent, version, input in entries]
+    try:
+        stored = redis_client().mget(keys)
+    except redis.RedisError:
+        # The cache is an optimisation: without it the runs simply execute.
+        logger.exception("result cache lookup failed")
+        return [None] * len(entries)
+    return [CachedResult(json.loads(value)["result"]) if value is not None else None for value in stored]
+
+
+def result_cache_put(*, agent: str, version: str, input: Any, result: Any, ttl: int) -> None:
+    """Store a result for `ttl` seconds (best effort)."""
+    try:
+        redis_client().set(result_key(agent, version, input_hash(input)), json.dumps({"result": result}), ex=ttl)
+    except redis.RedisError:
+        logger.exception("could not cache the result of %s", agent)
+
+
+def result_cache_clear(agent: str) -> int:
+    """Remove every cached result of the agent, all versions; returns how many entries went."""
+    client = redis_client()
+    removed = 0
+    batch: list[bytes] = []
+    for key in client.scan_iter(match=redis_key("result", agent, "*"), count=1000):
+        batch.append(key)
+        if len(batch) >= 1000:
+            removed += client.delete(*batch)
+            batch = []
+    if batch:
+        removed += client.delete(*batch)
+    return removed
