@@ -13,7 +13,7 @@ from rest_framework.test import APIClient
 from agentplatform.redis_client import redis_client
 from agents.sync import agent_sync_registry
 from scheduling.tiers import Tier
-from tests.factories import UserFactory
+from tests.factories import StaffFactory, UserFactory
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER_READY_SECONDS = 60
@@ -47,6 +47,18 @@ def user(db):
 
 
 @pytest.fixture
+def staff(db):
+    return StaffFactory()
+
+
+@pytest.fixture
+def staff_client(client, staff):
+    """A Django test client logged in as a staff superuser (the admin)."""
+    client.force_login(staff)
+    return client
+
+
+@pytest.fixture
 def api(user) -> APIClient:
     """An API client authenticated with the user's token."""
     client = APIClient()
@@ -69,7 +81,8 @@ def api_for():
     return make
 
 
-def _worker_env() -> dict[str, str]:
+def worker_env() -> dict[str, str]:
+    """The environment of a process that must see this test run's database and Redis prefix."""
     db = settings.DATABASES["default"]
     env = dict(os.environ)
     env["DATABASE_URL"] = f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
@@ -103,7 +116,7 @@ def _start_worker(tier: Tier, log_dir: Path) -> tuple[subprocess.Popen, Path]:
             str(log),
         ],
         cwd=ROOT,
-        env=_worker_env(),
+        env=worker_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.STDOUT,
     )

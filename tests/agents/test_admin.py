@@ -8,21 +8,10 @@ from django.utils import timezone
 
 from agents.models import Agent, Run, RunStatus
 from scheduling.tiers import Tier
-from tests.factories import RunFactory, StaffFactory, UserFactory
+from tests.factories import RunFactory, UserFactory
 
 AGENTS_URL = reverse("admin:agents_agent_changelist")
 RUNS_URL = reverse("admin:agents_run_changelist")
-
-
-@pytest.fixture
-def staff(db):
-    return StaffFactory()
-
-
-@pytest.fixture
-def staff_client(client, staff):
-    client.force_login(staff)
-    return client
 
 
 @pytest.fixture

@@ -14,23 +14,12 @@ from agents.models import Agent, Run, RunSchedule, RunStatus
 from agents.schedules import FIRE_SCHEDULE_TASK, ScheduleInvalid, schedule_delete, schedule_fire, schedule_save
 from agents.tasks import fire_schedule
 from scheduling.tiers import Tier
-from tests.conftest import ROOT, _worker_env
-from tests.factories import RunFactory, StaffFactory, UserFactory
+from tests.conftest import ROOT, worker_env
+from tests.factories import RunFactory, UserFactory
 
 SCHEDULES_URL = reverse("admin:agents_runschedule_changelist")
 ADD_URL = reverse("admin:agents_runschedule_add")
 BEAT_WAIT_SECONDS = 20
-
-
-@pytest.fixture
-def staff(db):
-    return StaffFactory()
-
-
-@pytest.fixture
-def staff_client(client, staff):
-    client.force_login(staff)
-    return client
 
 
 def make_schedule(*, owner, agent: str = "echo", **fields) -> RunSchedule:
@@ -367,7 +356,7 @@ def test_beat_fires_an_interval_schedule_and_a_worker_runs_each_firing(tmp_path)
                 "--loglevel", "INFO",
                 "--logfile", str(log),
             ],
-            cwd=ROOT, env=_worker_env(), stdout=out, stderr=subprocess.STDOUT,
+            cwd=ROOT, env=worker_env(), stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
     try:
         deadline = time.monotonic() + BEAT_WAIT_SECONDS
