@@ -185,7 +185,7 @@ class RunAdmin(admin.ModelAdmin):
     show_full_result_count = False
     actions = ["cancel_runs", "run_again"]
     fieldsets = [
-        (None, {"fields": ["id", "agent", "agent_version", "tier", "status", "submitted_by", "parent"]}),
+        (None, {"fields": ["id", "agent", "agent_version", "tier", "status", "submitted_by", "parent", "follows"]}),
         ("Input and outcome", {"fields": ["input_pretty", "result_pretty", "error_pretty", "error_traceback"]}),
         ("Timing", {"fields": ["submitted_at", "started_at", "finished_at", "attempts", "queue_wait_ms", "run_ms"]}),
         ("Promises", {"fields": ["sla_seconds", "sla_met", "soft_time_limit", "time_limit", "max_retries"]}),

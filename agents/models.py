@@ -94,6 +94,14 @@ class Run(models.Model):
         related_name="children",
         help_text="The run whose agent submitted this one.",
     )
+    follows = models.ForeignKey(
+        "self",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="followers",
+        help_text="The identical run already in flight whose execution this run shares instead of running.",
+    )
     # NULL, not '', for no key: the unique constraint must not see two keyless runs as equal.
     idempotency_key = models.CharField(max_length=200, null=True, blank=True)  # noqa: DJ001
     # The agent's promises as they stood at submission, so that tuning an agent never rewrites history.

@@ -13,6 +13,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from agentplatform.celery import app
+from agents.coalescing import sweep_followers
 from agents.dispatch import messages_due, run_dispatch
 from agents.models import Agent, Run, RunStatus
 from agents.runtime import lost_worker_error, run_attempt_failed, run_expire
@@ -30,6 +31,7 @@ class SweepReport:
     redispatched: int = 0
     escalated: int = 0
     woken: int = 0
+    settled_followers: int = 0
 
 
 def sweep() -> SweepReport:
@@ -42,6 +44,7 @@ def sweep() -> SweepReport:
         redispatched=sweep_lost_messages(),
         escalated=sweep_escalations(),
         woken=sweep_waiting_for_slots(),
+        settled_followers=sweep_followers(settings.SWEEP_BATCH),
     )
     if report != SweepReport():
         logger.info("sweep: %s", report)
@@ -71,7 +74,8 @@ def sweep_lost_messages() -> int:
     settled = timezone.now() - timedelta(seconds=settings.SWEEP_QUEUED_AFTER_SECONDS)
     runs = list(
         Run.objects.select_related("agent")
-        .filter(status=RunStatus.QUEUED, submitted_at__lt=settled)
+        # A follower has no message of its own: it finishes with the run it follows.
+        .filter(status=RunStatus.QUEUED, submitted_at__lt=settled, follows__isnull=True)
         .order_by("submitted_at")[: settings.SWEEP_BATCH]
     )
     overdue = time.time() - settings.SWEEP_MESSAGE_OVERDUE_SECONDS

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from agentplatform import events
 from agentplatform.redis_client import redis_client
+from agents.coalescing import leader_finished, runs_follow_inflight, runs_lead
 from agents.dispatch import run_dispatch
 from agents.errors import PayloadTooLarge, RunNotCancellable, RunRejected
 from agents.models import Agent, Run, RunStatus
@@ -150,15 +151,19 @@ def run_submit_many(*, user, requests: Sequence[RunRequest], parent: Run | None 
             if len(requests) == 1:
                 raise
             raise type(exc)({"runs": {str(index): exc.errors}}) from exc
-    _answer_from_cache([run for run, request in zip(built, requests, strict=True) if request.cache != "bypass"])
+    # Runs that may share work: answered from the result cache, or following an identical run in flight.
+    pairs = zip(built, requests, strict=True)
+    shareable = [run for run, request in pairs if request.cache != "bypass" and run.agent.cache_ttl > 0]
+    _answer_from_cache(shareable)
+    shareable_ids = {run.pk for run in shareable}
     try:
-        return _insert_runs(user=user, runs=built)
+        return _insert_runs(user=user, runs=built, shareable=shareable_ids)
     except IntegrityError:
         # Another request inserted one of these idempotency keys first; now it is found.
-        return _insert_runs(user=user, runs=built)
+        return _insert_runs(user=user, runs=built, shareable=shareable_ids)
 
 
-def _insert_runs(*, user, runs: list[Run]) -> list[tuple[Run, bool]]:
+def _insert_runs(*, user, runs: list[Run], shareable: set) -> list[tuple[Run, bool]]:
     keys = {run.idempotency_key for run in runs if run.idempotency_key}
     with transaction.atomic():
         existing: dict[str, Run] = {}
@@ -179,10 +184,12 @@ def _insert_runs(*, user, runs: list[Run]) -> list[tuple[Run, bool]]:
             new_runs.append(run)
             outcome.append((run, True))
         queued = [run for run in new_runs if run.status == RunStatus.QUEUED]
-        _admit(queued)
+        runs_follow_inflight([run for run in queued if run.pk in shareable])
+        # A follower takes no worker, so only the runs that will execute count against the backlog.
+        _admit([run for run in queued if run.follows_id is None])
         Run.objects.bulk_create(new_runs)
         if new_runs:
-            transaction.on_commit(lambda: _after_submit(new_runs))
+            transaction.on_commit(lambda: _after_submit(new_runs, shareable=shareable))
     return outcome
 
 
@@ -211,7 +218,7 @@ def _drain_per_second(runs: QuerySet[Run]) -> float:
 
 def tier_backlog(tier: Tier) -> Backlog:
     """Queued runs of a tier against its limit, and how fast the tier drains."""
-    queued = Run.objects.filter(status=RunStatus.QUEUED, tier=tier).count()
+    queued = Run.objects.filter(status=RunStatus.QUEUED, tier=tier, follows__isnull=True).count()
     limit = settings.TIER_BACKLOG_LIMITS[tier.value]
     # Draining only matters (and is only counted) when the answer may be a refusal.
     drain = _drain_per_second(Run.objects.filter(tier=tier)) if queued >= limit * 0.5 else 0.0
@@ -219,7 +226,7 @@ def tier_backlog(tier: Tier) -> Backlog:
 
 
 def agent_backlog(agent: Agent) -> Backlog:
-    queued = Run.objects.filter(status=RunStatus.QUEUED, agent=agent).count()
+    queued = Run.objects.filter(status=RunStatus.QUEUED, agent=agent, follows__isnull=True).count()
     drain = _drain_per_second(Run.objects.filter(agent=agent)) if queued >= agent.backlog_limit * 0.5 else 0.0
     return Backlog(queued=queued, limit=agent.backlog_limit, drain_per_second=drain)
 
@@ -237,13 +244,18 @@ def _answer_from_cache(runs: list[Run]) -> None:
         run.sla_met, run.escalate_at = True, None
 
 
-def _after_submit(runs: list[Run]) -> None:
-    queued = [run for run in runs if run.status == RunStatus.QUEUED]
+def _after_submit(runs: list[Run], *, shareable: set) -> None:
+    _publish_submitted(runs)
+    independent = [run for run in runs if run.status == RunStatus.QUEUED and run.follows_id is None]
     try:
-        run_dispatch(queued)
+        leading = runs_lead([run for run in independent if run.pk in shareable])
+        run_dispatch([run for run in independent if run.pk not in shareable] + leading)
     except Exception:
         # The runs are stored and stay queued: the caller must not see a failure and submit them again.
-        logger.exception("could not dispatch %d queued runs; they stay queued until re-dispatched", len(queued))
+        logger.exception("could not dispatch %d queued runs; they stay queued until re-dispatched", len(independent))
+
+
+def _publish_submitted(runs: list[Run]) -> None:
     events.publish_run_events(
         events.run_event(
             event="queued" if run.status == RunStatus.QUEUED else "succeeded",
@@ -267,6 +279,7 @@ def run_cancel(*, run: Run) -> Run:
     if not cancelled:
         raise RunNotCancellable(run.status)
     events.publish_cancel(run.pk)
+    leader_finished(run)
     events.publish_run_events(
         [
             events.run_event(

@@ -14,6 +14,7 @@ from pydantic import BaseModel
 
 from agentplatform import events
 from agents.cancellation import cancel_watch
+from agents.coalescing import leader_finished
 from agents.context import RunContext
 from agents.dispatch import message_parked, message_received, run_dispatch
 from agents.errors import AgentNotRegistered, RunCancelled
@@ -39,7 +40,7 @@ def run_claim(*, run_id: str, worker: str, lease_seconds: float) -> Run | None:
         .filter(pk=run_id)
         .first()
     )
-    if run is None:
+    if run is None or run.follows_id is not None:
         return None
     now = timezone.now()
     if run.status == RunStatus.QUEUED and run.expires_at is not None and run.expires_at < now:
@@ -82,6 +83,7 @@ def run_expire(*, run: Run) -> bool:
     if expired:
         run.status = RunStatus.EXPIRED
         _publish(run, "expired")
+        leader_finished(run)
     return bool(expired)
 
 
@@ -198,6 +200,7 @@ def run_succeeded(*, run: Run, result: Any, run_ms: int) -> bool:
                 agent=run.agent.name, version=run.agent_version, input=run.input, result=result, ttl=run.agent.cache_ttl
             )
         _publish(run, "succeeded")
+        leader_finished(run)
     return bool(written)
 
 
@@ -231,6 +234,7 @@ def run_attempt_failed(
     if written:
         run.status = RunStatus.FAILED
         _publish(run, "failed")
+        leader_finished(run)
     return bool(written)
 
 

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from celery.signals import before_task_publish
 from django.conf import settings
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
@@ -79,6 +80,19 @@ def api_for():
         return client
 
     return make
+
+
+@pytest.fixture
+def published() -> Iterator[list[list]]:
+    """The arguments of every Celery message published while the test runs."""
+    messages: list[list] = []
+
+    def record(sender, body, **kwargs):
+        messages.append(body[0])
+
+    before_task_publish.connect(record, weak=False)
+    yield messages
+    before_task_publish.disconnect(record)
 
 
 def worker_env() -> dict[str, str]:

@@ -82,3 +82,17 @@ def parent(ctx, input: ChildInput) -> dict:
     child = ctx.submit("echo", {"message": input.message})
     ctx.publish("test.parent", {"child": child})
     return {"child": child}
+
+
+class SlowCountInput(BaseModel):
+    key: str
+    seconds: float = 0.0
+    value: int = 0
+
+
+@agent(name="test.cached_count", input=SlowCountInput, cache_ttl=300, soft_time_limit=30, time_limit=40)
+def cached_count(ctx, input: SlowCountInput) -> dict:
+    """A cacheable agent that counts its executions in Redis under `key`, then sleeps `seconds`."""
+    executions = redis_client().incr(redis_key("test", "count", input.key))
+    time.sleep(input.seconds)
+    return {"executions": executions, "value": input.value}

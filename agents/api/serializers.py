@@ -56,6 +56,7 @@ class RunBatchSerializer(serializers.Serializer):
 class RunSerializer(serializers.ModelSerializer):
     agent = serializers.CharField(source="agent.name")
     parent = serializers.UUIDField(source="parent_id", allow_null=True)
+    follows = serializers.UUIDField(source="follows_id", allow_null=True)
 
     class Meta:
         model = Run
@@ -82,6 +83,7 @@ class RunSerializer(serializers.ModelSerializer):
             "sla_met",
             "sla_miss",
             "cached",
+            "follows",
             "expires_at",
             "escalated_at",
         ]

@@ -1,25 +1,10 @@
 """Submissions answered from the shared result cache (issue: the same input is never computed twice)."""
 
-import pytest
-from celery.signals import before_task_publish
-
 from agents.models import Agent
 from caching.results import result_cache_get_many, result_cache_put
 from tests.factories import StaffFactory, UserFactory
 
 RUNS = "/api/v1/runs/"
-
-
-@pytest.fixture
-def published():
-    messages = []
-
-    def record(sender, body, **kwargs):
-        messages.append(body[0])
-
-    before_task_publish.connect(record, weak=False)
-    yield messages
-    before_task_publish.disconnect(record)
 
 
 def cache(agent: str, input: dict, result) -> None:

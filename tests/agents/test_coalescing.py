@@ -1,0 +1,238 @@
+"""Identical runs of a cacheable agent in flight at once share one execution (coalescing)."""
+
+import threading
+import time
+
+import pytest
+from django.db import connection
+from rest_framework.test import APIClient
+
+from agentplatform.redis_client import redis_client, redis_key
+from agents.coalescing import inflight_key, runs_lead
+from agents.models import Agent, Run, RunStatus
+from agents.recovery import sweep
+from agents.runtime import run_attempt_failed, run_claim, run_succeeded
+from tests.factories import RunFactory
+
+RUNS = "/api/v1/runs/"
+AGENT = "test.cached_count"
+
+
+def submit(api, input: dict, **extra) -> dict:
+    response = api.post(RUNS, {"agent": AGENT, "input": input, **extra}, format="json")
+    assert response.status_code == 201, response.json()
+    return response.json()
+
+
+def executions(key: str) -> int:
+    return int(redis_client().get(redis_key("test", "count", key)) or 0)
+
+
+def leader_in_flight(key: str) -> Run:
+    """A queued run of the agent holding the in-flight key of its input, with no message for it."""
+    agent = Agent.objects.get(name=AGENT)
+    leader = RunFactory(agent=agent, input=agent_input(key))
+    assert runs_lead([leader]) == [leader]
+    return leader
+
+
+def agent_input(key: str) -> dict:
+    """The input as the agent's schema stores it, defaults included."""
+    return {"key": key, "seconds": 0.0, "value": 0}
+
+
+def finish_leader(run_id: str, result: dict) -> None:
+    """What a worker does with the leader: claim it and record its result."""
+    run = run_claim(run_id=run_id, worker="w1", lease_seconds=30)
+    assert run is not None
+    run_succeeded(run=run, result=result, run_ms=5)
+
+
+def wait_terminal(run_ids: list[str], seconds: float = 30) -> list[Run]:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        runs = list(Run.objects.filter(pk__in=run_ids))
+        if all(run.is_terminal for run in runs):
+            return runs
+        time.sleep(0.1)
+    pytest.fail("runs did not finish in time")
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("workers")
+def test_fifty_concurrent_identical_submissions_run_the_agent_once(api):
+    token = api._credentials["HTTP_AUTHORIZATION"]
+    input = {"key": "fifty", "seconds": 1.0}
+    ids: list[str] = []
+    start = threading.Barrier(50)
+
+    def client_submits() -> None:
+        client = APIClient()
+        client.credentials(HTTP_AUTHORIZATION=token)
+        start.wait()
+        try:
+            ids.append(submit(client, input)["id"])
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=client_submits) for _ in range(50)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    runs = wait_terminal(ids)
+    assert executions("fifty") == 1
+    assert {run.status for run in runs} == {RunStatus.SUCCEEDED}
+    assert {run.result["executions"] for run in runs} == {1}
+    (leader,) = [run for run in runs if run.follows_id is None and not run.cached]
+    followers = [run for run in runs if run.follows_id is not None]
+    assert len(followers) + sum(run.cached for run in runs) == 49
+    assert {run.follows_id for run in followers} == {leader.pk}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_identical_runs_in_one_batch_send_one_message(api, published):
+    item = {"agent": AGENT, "input": {"key": "batch"}}
+
+    runs = api.post(f"{RUNS}batch/", {"runs": [item, item, item]}, format="json").json()
+
+    leader = runs[0]
+    assert [run["follows"] for run in runs] == [None, leader["id"], leader["id"]]
+    assert published == [[leader["id"]]]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_run_submitted_while_an_identical_one_is_queued_follows_it(api, published):
+    leader = leader_in_flight("later")
+
+    follower = submit(api, {"key": "later"})
+
+    assert (follower["status"], follower["follows"]) == ("queued", str(leader.pk))
+    assert published == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_followers_finish_with_the_leaders_result(api):
+    leader = leader_in_flight("share")
+    follower = submit(api, {"key": "share"})
+
+    finish_leader(leader.pk, {"answer": 42})
+
+    run = Run.objects.get(pk=follower["id"])
+    assert (run.status, run.result, run.sla_met, run.follows_id) == ("succeeded", {"answer": 42}, True, leader.pk)
+    assert not redis_client().exists(inflight_key(run))
+
+
+@pytest.mark.django_db(transaction=True)
+def test_followers_fail_with_the_error_of_a_leader_out_of_attempts(api):
+    leader = leader_in_flight("fails")
+    follower = submit(api, {"key": "fails"})
+    run = run_claim(run_id=leader.pk, worker="w1", lease_seconds=30)
+
+    run_attempt_failed(run=run, error={"type": "ValueError", "message": "bad", "traceback": ""}, run_ms=3)
+
+    followed = Run.objects.get(pk=follower["id"])
+    assert followed.status == RunStatus.FAILED
+    assert followed.error["type"] == "ValueError"
+    assert str(leader.pk) in followed.error["message"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_cancelling_the_leader_hands_the_work_to_its_oldest_follower(api, published):
+    leader = leader_in_flight("heir")
+    leader.submitted_by = api.user
+    leader.save()
+    heir = submit(api, {"key": "heir"})
+    third = submit(api, {"key": "heir"})
+
+    assert api.post(f"{RUNS}{leader.pk}/cancel/").status_code == 200
+
+    runs = {str(run.pk): run for run in Run.objects.filter(pk__in=[heir["id"], third["id"]])}
+    assert runs[heir["id"]].follows_id is None
+    assert str(runs[third["id"]].follows_id) == heir["id"]
+    assert published == [[heir["id"]]]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_cancelling_a_follower_leaves_the_leader_and_the_others(api):
+    leader = leader_in_flight("leave")
+    quitter = submit(api, {"key": "leave"})
+    stayer = submit(api, {"key": "leave"})
+
+    api.post(f"{RUNS}{quitter['id']}/cancel/")
+    finish_leader(leader.pk, {"ok": True})
+
+    statuses = dict(Run.objects.filter(pk__in=[quitter["id"], stayer["id"]]).values_list("pk", "status"))
+    assert {str(pk): status for pk, status in statuses.items()} == {
+        quitter["id"]: "cancelled",
+        stayer["id"]: "succeeded",
+    }
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_bypass_submission_runs_on_its_own(api, published):
+    leader_in_flight("own")
+
+    bypass = submit(api, {"key": "own"}, cache="bypass")
+
+    assert bypass["follows"] is None
+    assert published == [[bypass["id"]]]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_different_inputs_do_not_follow_each_other(api, published):
+    leader_in_flight("a")
+
+    second = submit(api, {"key": "b"})
+
+    assert second["follows"] is None
+    assert published == [[second["id"]]]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_key_left_by_an_ended_leader_is_taken_over(api, published):
+    ended = leader_in_flight("stale")
+    Run.objects.filter(pk=ended.pk).update(status=RunStatus.FAILED)
+
+    run = submit(api, {"key": "stale"})
+
+    assert run["follows"] is None
+    assert published == [[run["id"]]]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_followers_do_not_count_against_the_backlog(api, settings):
+    settings.TIER_BACKLOG_LIMITS = {**settings.TIER_BACKLOG_LIMITS, "standard": 1}
+    leader_in_flight("backlog")
+
+    response = api.post(RUNS, {"agent": AGENT, "input": {"key": "backlog"}}, format="json")
+    refused = api.post(RUNS, {"agent": AGENT, "input": {"key": "other"}}, format="json")
+
+    assert response.status_code == 201
+    assert refused.status_code == 429
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_sweeper_settles_followers_of_a_leader_that_ended_without_them(api):
+    leader = leader_in_flight("crash")
+    follower = submit(api, {"key": "crash"})
+    # The leader's worker wrote its outcome and died before settling its followers.
+    Run.objects.filter(pk=leader.pk).update(status=RunStatus.SUCCEEDED, result={"n": 1})
+
+    report = sweep()
+
+    assert report.settled_followers == 1
+    assert Run.objects.get(pk=follower["id"]).result == {"n": 1}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_sweeper_never_dispatches_a_follower(api, published, settings):
+    settings.SWEEP_QUEUED_AFTER_SECONDS = 0
+    leader = leader_in_flight("quiet")
+    submit(api, {"key": "quiet"})
+
+    sweep()
+
+    assert published == [[str(leader.pk)]]
