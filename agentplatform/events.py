@@ -3,9 +3,13 @@
 A run event is one JSON object, published on the run's, its agent's and the global channel:
 
     {"event": "succeeded", "run": "<uuid>", "agent": "echo", "tier": "standard",
-     "status": "succeeded", "attempt": 1, "at": "2026-11-27T19:44:28.123456+00:00"}
+     "status": "succeeded", "attempt": 1, "user": 7, "at": "2026-11-27T19:44:28.123456+00:00"}
 
-`event` is one of queued, started, retrying, succeeded, failed, cancelled, expired.
+`event` is one of queued, started, retrying, succeeded, failed, cancelled, expired; `user` is the
+id of the run's submitter (null for runs nobody submitted, such as topic runs without an origin).
+
+An agent topic carries envelopes: {"id": "<uuid>", "topic": "<name>", "message": <JSON>,
+"run": "<uuid of the publishing run, or null>", "user": <its submitter's id, or null>, "at": "…"}.
 """
 
 import json
@@ -52,7 +56,9 @@ def topic_channel(topic: str) -> str:
     return redis_key("topic", topic)
 
 
-def run_event(*, event: str, run_id: object, agent: str, tier: str, status: str, attempt: int) -> dict[str, Any]:
+def run_event(
+    *, event: str, run_id: object, agent: str, tier: str, status: str, attempt: int, user: int | None = None
+) -> dict[str, Any]:
     if event not in RUN_EVENTS:
         raise ValueError(f"unknown run event {event!r}")
     return {
@@ -62,8 +68,17 @@ def run_event(*, event: str, run_id: object, agent: str, tier: str, status: str,
         "tier": tier,
         "status": status,
         "attempt": attempt,
+        "user": user,
         "at": timezone.now().isoformat(),
     }
+
+
+def event_of_run(run: Any, event: str) -> dict[str, Any]:
+    """The event for a run row, as it stands."""
+    return run_event(
+        event=event, run_id=run.pk, agent=run.agent.name, tier=run.tier, status=run.status, attempt=run.attempts,
+        user=run.submitted_by_id,
+    )  # fmt: skip
 
 
 def publish_run_events(events: Iterable[dict[str, Any]]) -> None:

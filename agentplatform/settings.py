@@ -148,6 +148,11 @@ WORKER_SEND_TASK_EVENTS = env_bool("WORKER_SEND_TASK_EVENTS", False)
 # Tasks a worker process runs between closing its database connections (see agentplatform/celery.py).
 WORKER_DB_REUSE_MAX = env_int("WORKER_DB_REUSE_MAX", 1000)
 
+# Server-Sent Events are served by the ASGI `events` process; the WSGI web process redirects to it.
+EVENTS_URL = env_str("EVENTS_URL", f"http://127.0.0.1:{env_int('EVENTS_PORT', 8001)}")
+# A comment line is sent on a quiet stream this often, so proxies and clients keep it open.
+EVENTS_KEEPALIVE_SECONDS = env_float("EVENTS_KEEPALIVE_SECONDS", 15)
+
 # Agents: modules imported by the registry besides the built-ins and every app's agents.py.
 AGENT_MODULES = env_list("AGENT_MODULES")
 

@@ -157,7 +157,7 @@ def _followers_finish(leader: Run, *, status: RunStatus, result, error) -> int:
         followers = list(
             Run.objects.select_for_update()
             .filter(follows=leader, status=RunStatus.QUEUED)
-            .values_list("pk", "agent__name", "tier", "attempts")
+            .values_list("pk", "agent__name", "tier", "attempts", "submitted_by_id")
         )
         if not followers:
             return 0
@@ -172,8 +172,8 @@ def _followers_finish(leader: Run, *, status: RunStatus, result, error) -> int:
             sla_miss=Case(When(deadline__lt=now, then=Value(SlaMiss.QUEUE_WAIT)), default=Value("")),
         )
     events.publish_run_events(
-        events.run_event(event=status, run_id=pk, agent=agent, tier=tier, status=status, attempt=attempts)
-        for pk, agent, tier, attempts in followers
+        events.run_event(event=status, run_id=pk, agent=agent, tier=tier, status=status, attempt=attempts, user=user)
+        for pk, agent, tier, attempts, user in followers
     )
     return len(followers)
 

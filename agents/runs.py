@@ -257,15 +257,7 @@ def _after_submit(runs: list[Run], *, shareable: set) -> None:
 
 def _publish_submitted(runs: list[Run]) -> None:
     events.publish_run_events(
-        events.run_event(
-            event="queued" if run.status == RunStatus.QUEUED else "succeeded",
-            run_id=run.id,
-            agent=run.agent.name,
-            tier=run.tier,
-            status=run.status,
-            attempt=run.attempts,
-        )
-        for run in runs
+        events.event_of_run(run, "queued" if run.status == RunStatus.QUEUED else "succeeded") for run in runs
     )
 
 
@@ -280,18 +272,7 @@ def run_cancel(*, run: Run) -> Run:
         raise RunNotCancellable(run.status)
     events.publish_cancel(run.pk)
     leader_finished(run)
-    events.publish_run_events(
-        [
-            events.run_event(
-                event="cancelled",
-                run_id=run.pk,
-                agent=run.agent.name,
-                tier=run.tier,
-                status=run.status,
-                attempt=run.attempts,
-            )
-        ]
-    )
+    events.publish_run_events([events.event_of_run(run, "cancelled")])
     return run
 
 

@@ -255,11 +255,4 @@ def run_hard_time_limit_exceeded(*, run_id: str, limit: float) -> bool:
 
 
 def _publish(run: Run, event: str) -> None:
-    events.publish_run_events(
-        [
-            events.run_event(
-                event=event, run_id=run.pk, agent=run.agent.name, tier=run.tier, status=run.status,
-                attempt=run.attempts,
-            )
-        ]
-    )  # fmt: skip
+    events.publish_run_events([events.event_of_run(run, event)])

@@ -1,5 +1,6 @@
 """`make up` as a user runs it: the whole stack on a fresh SQLite file, driven over HTTP only."""
 
+import http.client as http_client
 import json
 import os
 import re
@@ -17,6 +18,8 @@ from pathlib import Path
 
 import pytest
 from django.conf import settings
+
+from tests.sse import EventStreamClient
 
 ROOT = Path(__file__).resolve().parent.parent
 START_SECONDS = 150
@@ -60,6 +63,7 @@ def stack_env(tmp_path: Path, **overrides: str) -> dict[str, str]:
         STATIC_ROOT=str(tmp_path / "static"),
         WEB_PORT=str(free_port()),
         FLOWER_PORT=str(free_port()),
+        EVENTS_PORT=str(free_port()),
         ADMIN_PASSWORD="stack-test-password",
         REDIS_KEY_PREFIX=f"{settings.REDIS_KEY_PREFIX}stack:",
         AGENT_MODULES="",
@@ -129,6 +133,7 @@ class Stack:
     tree: ProcessTree
     web: str
     flower: str
+    events: str
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -211,6 +216,7 @@ def make_up(tmp_path: Path) -> Iterator[Stack]:
         tree=tree,
         web=f"http://127.0.0.1:{env['WEB_PORT']}",
         flower=f"http://127.0.0.1:{env['FLOWER_PORT']}",
+        events=f"http://127.0.0.1:{env['EVENTS_PORT']}",
     )
     try:
         yield stack
@@ -228,6 +234,7 @@ def serving(stack: Stack) -> None:
     deadline = time.monotonic() + START_SECONDS
     stack.wait_until("the web server", lambda: stack.answers(f"{stack.web}/admin/login/"), deadline)
     stack.wait_until("Flower", lambda: stack.answers(f"{stack.flower}/healthcheck"), deadline)
+    stack.wait_until("the events server", lambda: stack.answers(f"{stack.events}/admin/login/"), deadline)
     run = stack.run("echo", {"hello": "world"}, deadline)
     assert run["status"] == "succeeded", run
     assert run["result"] == {"hello": "world"}
@@ -259,6 +266,16 @@ def test_make_up_serves_the_platform_and_ctrl_c_stops_all_of_it(tmp_path):
         for path in ("/admin/login/", "/api/docs/", "/api/schema/"):
             assert http("GET", f"{stack.web}{path}")[0] == 200, path
         assert http("GET", f"{stack.flower}/")[0] == 200
+        # Run events stream from the events process, to which the web process redirects.
+        redirect = http_client.HTTPConnection("127.0.0.1", int(stack.web.rsplit(":", 1)[1]), timeout=10)
+        redirect.request("GET", "/api/v1/events/?agent=echo")
+        assert redirect.getresponse().getheader("Location") == f"{stack.events}/api/v1/events/?agent=echo"
+        events = EventStreamClient(f"{stack.events}/api/v1/events/?agent=echo", token=stack.token())
+        events.subscribed()
+        echoed = stack.run("echo", {"streamed": True}, time.monotonic() + 60)
+        assert [events.next_event().event for _ in range(3)] == ["queued", "started", "succeeded"]
+        assert echoed["status"] == "succeeded"
+        events.close()
         # Batch work only gets the CPU that nothing else wants; the other tiers run normally.
         workers = tier_workers(stack)
         assert set(workers) == {"critical", "standard", "batch"}

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from agents.api import views
+from agents.api import events_endpoint, views
 
 urlpatterns = [
     path("agents/", views.AgentListView.as_view(), name="agent-list"),
@@ -10,4 +10,5 @@ urlpatterns = [
     path("runs/<uuid:run_id>/", views.RunDetailView.as_view(), name="run-detail"),
     path("runs/<uuid:run_id>/cancel/", views.RunCancelView.as_view(), name="run-cancel"),
     path("stats/", views.StatsView.as_view(), name="stats"),
+    path("events/", events_endpoint.events_redirect, name="events"),
 ]

@@ -1,0 +1,97 @@
+"""Following run events live: which channel a caller may read, and the events it gets from it."""
+
+import json
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import redis.asyncio
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.db import connections
+
+from agentplatform import events
+from agents.errors import RunRejected
+from agents.models import Agent, Run, RunStatus
+from agents.runs import run_visible_to
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class EventStream:
+    """One caller's view of the bus: a channel, whose events it may see, and when it ends."""
+
+    channel: str
+    # None: every event on the channel (staff); otherwise only the events of this user's runs.
+    user_id: int | None
+    # For a stream of one run: it ends with the run.
+    run: Run | None = None
+
+
+def event_stream_for(*, user, agent: str | None = None, run: str | None = None) -> EventStream:
+    """The stream a user asked for; RunRejected for a bad filter, Run.DoesNotExist for a run they cannot see."""
+    user_id = None if user.is_staff else user.pk
+    if run is not None:
+        try:
+            run_id = uuid.UUID(run)
+        except ValueError as exc:
+            raise RunRejected({"run": [f"{run!r} is not a run id."]}) from exc
+        found = run_visible_to(user).get(pk=run_id)
+        if agent is not None and found.agent.name != agent:
+            raise RunRejected({"agent": [f"Run {run_id} is a run of {found.agent.name!r}, not {agent!r}."]})
+        return EventStream(channel=events.run_channel(run_id), user_id=user_id, run=found)
+    if agent is not None:
+        if not Agent.objects.filter(name=agent).exists():
+            raise RunRejected({"agent": [f"Unknown agent {agent!r}."]})
+        return EventStream(channel=events.agent_channel(agent), user_id=user_id)
+    return EventStream(channel=events.all_channel(), user_id=user_id)
+
+
+async def in_db_thread(function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run database work from a stream in a pooled thread, and give the connection back when done.
+
+    A stream lives for hours: it must hold neither a thread nor a database connection meanwhile.
+    """
+
+    def call() -> T:
+        try:
+            return function(*args, **kwargs)
+        finally:
+            connections.close_all()
+
+    return await sync_to_async(call, thread_sensitive=False)()
+
+
+async def event_stream_read(stream: EventStream, *, keepalive: float) -> AsyncIterator[dict[str, Any] | None]:
+    """The stream's events from the moment it is subscribed; None after each `keepalive` seconds of quiet.
+
+    The first item is None once the subscription is live. A run's stream starts with the run's
+    current state when it has already ended, and ends after the run's final event.
+    """
+    # One connection per stream: async connections belong to the event loop that made them.
+    client = redis.asyncio.Redis.from_url(settings.REDIS_URL, socket_timeout=None)
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    try:
+        await pubsub.subscribe(stream.channel)
+        yield None
+        if stream.run is not None:
+            await in_db_thread(stream.run.refresh_from_db, fields=["status", "attempts"])
+            if stream.run.is_terminal:
+                yield events.event_of_run(stream.run, str(stream.run.status))
+                return
+        while True:
+            message = await pubsub.get_message(timeout=keepalive)
+            if message is None:
+                yield None
+                continue
+            event = json.loads(message["data"])
+            if stream.user_id is not None and event.get("user") != stream.user_id:
+                continue
+            yield event
+            if stream.run is not None and event.get("status") in RunStatus.terminal():
+                return
+    finally:
+        await pubsub.aclose()
+        await client.aclose()
