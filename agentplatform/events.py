@@ -15,6 +15,7 @@ An agent topic carries envelopes: {"id": "<uuid>", "topic": "<name>", "message":
 import json
 import logging
 import re
+import uuid
 from collections.abc import Iterable
 from typing import Any
 
@@ -107,6 +108,23 @@ def publish_cancel(run_id: object) -> None:
         logger.exception("could not publish the cancellation of run %s", run_id)
 
 
-def publish_topic(topic: str, message: Any) -> int:
-    """Publish a JSON message on an agent topic; returns how many subscribers received it."""
-    return redis_client().publish(topic_channel(topic), json.dumps(message))
+def topic_envelope(topic: str, message: Any, *, run_id: object = None, user: int | None = None) -> dict[str, Any]:
+    """A message as it travels on a topic: with an id (so each is acted on once) and its origin."""
+    return {
+        "id": str(uuid.uuid4()),
+        "topic": topic,
+        "message": message,
+        "run": str(run_id) if run_id is not None else None,
+        "user": user,
+        "at": timezone.now().isoformat(),
+    }
+
+
+def publish_topic(topic: str, message: Any, *, run_id: object = None, user: int | None = None) -> int:
+    """Publish a JSON message on an agent topic; returns how many subscribers received it.
+
+    Raises InvalidTopic for a bad topic name and TypeError for a message that is not JSON.
+    """
+    channel = topic_channel(topic)
+    envelope = topic_envelope(topic, message, run_id=run_id, user=user)
+    return redis_client().publish(channel, json.dumps(envelope))

@@ -28,7 +28,7 @@ class RunContext:
 
     def publish(self, topic: str, message: Any) -> int:
         """Publish a JSON message on an agent topic; returns how many subscribers got it."""
-        return events.publish_topic(topic, message)
+        return events.publish_topic(topic, message, run_id=self.run.pk, user=self.run.submitted_by_id)
 
     def submit(self, agent: str, input: dict[str, Any], *, tier: str | None = None) -> str:
         """Submit a child run on behalf of this run's submitter; returns its id."""

@@ -3,7 +3,7 @@
 import importlib
 import inspect
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,6 +11,7 @@ from django.conf import settings
 from django.utils.module_loading import autodiscover_modules
 from pydantic import BaseModel
 
+from agentplatform.events import TOPIC_PATTERN
 from scheduling.tiers import DEFAULT_SLA_SECONDS, Tier
 
 AGENT_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_.-]{0,99}$")
@@ -42,6 +43,8 @@ class AgentSpec:
     time_limit: float = 90.0
     max_retries: int = 0
     cache_ttl: int = 0
+    # Agent topics this agent reacts to: the dispatcher submits one run per message, the message as input.
+    topics: tuple[str, ...] = ()
 
     @property
     def input_schema(self) -> dict[str, Any]:
@@ -76,6 +79,14 @@ class AgentRegistry:
         self.discover()
         return len(self._specs)
 
+    def reacting_to(self) -> dict[str, list[str]]:
+        """Topic name -> the agents that react to it."""
+        topics: dict[str, list[str]] = {}
+        for spec in self:
+            for topic in spec.topics:
+                topics.setdefault(topic, []).append(spec.name)
+        return topics
+
     def discover(self) -> None:
         """Import the built-in agents, every installed app's agents.py and settings.AGENT_MODULES."""
         if self._discovered:
@@ -107,6 +118,7 @@ def agent(
     time_limit: float | None = None,
     max_retries: int = 0,
     cache_ttl: int = 0,
+    topics: Sequence[str] = (),
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Declare a function `fn(ctx, input) -> JSON-serialisable` as an agent."""
     tier = Tier(tier)
@@ -119,6 +131,11 @@ def agent(
         raise RegistryError(f"agent {name!r}: need 0 < soft_time_limit <= time_limit")
     if max_retries < 0 or cache_ttl < 0:
         raise RegistryError(f"agent {name!r}: max_retries and cache_ttl cannot be negative")
+    if isinstance(topics, str):
+        raise RegistryError(f"agent {name!r}: topics must be a list of topic names, not one string")
+    for topic in topics:
+        if not isinstance(topic, str) or not TOPIC_PATTERN.match(topic):
+            raise RegistryError(f"agent {name!r}: topic {topic!r} must match {TOPIC_PATTERN.pattern}")
 
     def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
         registry.register(
@@ -134,6 +151,7 @@ def agent(
                 time_limit=float(hard_limit),
                 max_retries=int(max_retries),
                 cache_ttl=int(cache_ttl),
+                topics=tuple(topics),
             )
         )
         return func

@@ -96,3 +96,19 @@ def cached_count(ctx, input: SlowCountInput) -> dict:
     executions = redis_client().incr(redis_key("test", "count", input.key))
     time.sleep(input.seconds)
     return {"executions": executions, "value": input.value}
+
+
+class OrderInput(BaseModel):
+    order_id: int
+
+
+@agent(name="test.listener", input=OrderInput, topics=["test.orders"], soft_time_limit=10, time_limit=15)
+def listener(ctx, input: OrderInput) -> dict:
+    """Reacts to each message on the test.orders topic."""
+    return {"order": input.order_id}
+
+
+@agent(name="test.publisher", input=OrderInput, soft_time_limit=10, time_limit=15)
+def publisher(ctx, input: OrderInput) -> dict:
+    """Publishes an order on the test.orders topic."""
+    return {"subscribers": ctx.publish("test.orders", {"order_id": input.order_id})}
