@@ -12,6 +12,7 @@ checked again by the sweeper, so a lost key or a crash between steps never stran
 """
 
 import logging
+from collections import defaultdict
 from collections.abc import Iterable
 
 import redis
@@ -98,13 +99,18 @@ def runs_lead(runs: list[Run]) -> list[Run]:
     except redis.RedisError:
         logger.exception("could not claim in-flight keys; these runs execute on their own")
         return runs
-    leading = []
+    leading, following = [], defaultdict(list)
     for run, holder in zip(runs, holders, strict=True):
         if holder is None or holder == str(run.pk):
             leading.append(run)
-        elif Run.objects.filter(pk=run.pk, status=RunStatus.QUEUED, follows__isnull=True).update(
+        else:
+            following[holder].append(run)
+    for holder, followers in following.items():
+        # A run cancelled meanwhile stays as it is: it has nothing left to run.
+        Run.objects.filter(pk__in=[run.pk for run in followers], status=RunStatus.QUEUED, follows__isnull=True).update(
             follows_id=holder, escalate_at=None
-        ):
+        )
+        for run in followers:
             run.follows_id = holder
     # A leader that ended between the claim and the update above did not see these followers.
     followers_settle(Run.objects.filter(pk__in={run.follows_id for run in runs if run.follows_id is not None}))
