@@ -11,19 +11,21 @@ from django.contrib.admin.views.main import ChangeList
 from django.core.exceptions import ValidationError
 from django.template.defaultfilters import pluralize
 from django.urls import NoReverseMatch, reverse
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
 
 from agents.errors import RunNotCancellable, RunRejected
 from agents.models import Agent, Run, RunSchedule
+from agents.registry import registry
 from agents.runs import run_cancel, run_rerun
 from agents.schedules import schedule_delete, schedule_errors, schedule_save
 from agents.stats import StatsBlock, agent_stats
+from agents.topics import topic_stats
 from caching.results import result_cache_clear
 
 # The window of the agent list's SLA and run-time columns.
 AGENT_LIST_STATS_WINDOW = timedelta(hours=1)
 
-CODE_OWNED_FIELDS = ["name", "version", "description", "registered", "input_schema_pretty"]
+CODE_OWNED_FIELDS = ["name", "version", "description", "registered", "input_schema_pretty", "topics"]
 TUNABLE_FIELDS = ["tier", "sla_seconds", "soft_time_limit", "time_limit", "max_retries", "cache_ttl", "enabled"]
 
 
@@ -151,6 +153,20 @@ class AgentAdmin(admin.ModelAdmin):
     @admin.display(description="input schema")
     def input_schema_pretty(self, agent: Agent) -> str | None:
         return pretty_json(agent.input_schema)
+
+    @admin.display(description="reacts to topics")
+    def topics(self, agent: Agent) -> str:
+        """Each topic the code subscribes the agent to, with the dispatcher's message counts."""
+        spec = registry.get(agent.name)
+        if spec is None or not spec.topics:
+            return "-"
+        stats = topic_stats()
+        counters = ("received", "submitted", "bad", "refused")
+        return format_html_join(
+            "\n",
+            "<div><code>{}</code>: {} received, {} runs submitted, {} bad, {} refused</div>",
+            ((topic, *(stats.get(topic, {}).get(counter, 0) for counter in counters)) for topic in spec.topics),
+        )
 
     @admin.action(description="Clear cached results", permissions=["change"])
     def clear_cache(self, request, queryset) -> None:

@@ -6,7 +6,9 @@ from django.contrib.messages import get_messages
 from django.urls import reverse
 from django.utils import timezone
 
+from agentplatform.redis_client import redis_client
 from agents.models import Agent, Run, RunStatus
+from agents.topics import topic_message_dispatch, topic_stats_key
 from scheduling.tiers import Tier
 from tests.factories import RunFactory, UserFactory
 
@@ -60,6 +62,16 @@ def test_agent_change_form_shows_input_schema_pretty_printed(staff_client, echo)
 
     assert response.status_code == 200
     assert "<pre>{\n  &quot;additionalProperties&quot;: true," in response.content.decode()
+
+
+def test_agent_change_form_shows_its_topics_with_the_dispatchers_counts(staff_client):
+    listener = Agent.objects.get(name="test.listener")
+    redis_client().delete(topic_stats_key())
+    topic_message_dispatch("test.orders", b"not json", agents=[listener.name])
+
+    response = staff_client.get(agent_url(listener))
+
+    assert "<code>test.orders</code>: 1 received, 0 runs submitted, 1 bad, 0 refused" in response.content.decode()
 
 
 def test_editing_agent_tunables_persists(staff_client, echo):
