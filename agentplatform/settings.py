@@ -50,6 +50,7 @@ INSTALLED_APPS = [
     "drf_spectacular_sidecar",
     "django_celery_beat",
     "scheduling",
+    "caching",
     "agents",
 ]
 
@@ -213,6 +214,13 @@ CACHES = {
         "KEY_PREFIX": REDIS_KEY_PREFIX + "cache",
     }
 }
+
+# Memoized computation (caching/memoize.py): the default bounds of each memoized function's LRU in
+# every process, and how soon the lock of a computation lapses once its process stops renewing it
+# (it renews every third of it), which is how long waiters may sit behind a process that died.
+MEMO_LRU_MAX_ENTRIES = env_int("MEMO_LRU_MAX_ENTRIES", 1000)
+MEMO_LRU_MAX_BYTES = env_int("MEMO_LRU_MAX_BYTES", 16 * 1024 * 1024)
+MEMO_LOCK_TTL_SECONDS = env_float("MEMO_LOCK_TTL_SECONDS", 5.0)
 
 SPECTACULAR_SETTINGS = {
     "TITLE": "agentplatform API",

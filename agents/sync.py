@@ -7,6 +7,7 @@ from django.db import transaction
 
 from agents.models import Agent
 from agents.registry import registry
+from caching.sync import memo_sync_registry
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +63,10 @@ def agent_sync_registry() -> SyncReport:
 
 def sync_on_migrate(**kwargs) -> None:
     agent_sync_registry()
+    # After the agents: discovering them imports the modules that declare memoized functions.
+    memo_sync_registry()
 
 
 def sync_on_worker_ready(**kwargs) -> None:
     agent_sync_registry()
+    memo_sync_registry()

@@ -1,1 +1,1 @@
-"""Redis-backed caches shared by every process: agent results (and, later, memoized functions)."""
+"""Redis-backed caches shared by every process: agent results (results.py) and memoized functions (memoize.py)."""

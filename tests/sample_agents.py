@@ -8,6 +8,7 @@ from pydantic import BaseModel, Field
 
 from agentplatform.redis_client import redis_client, redis_key
 from agents.registry import agent
+from caching.memoize import memoize
 
 
 class FlakyInput(BaseModel):
@@ -96,6 +97,25 @@ def cached_count(ctx, input: SlowCountInput) -> dict:
     executions = redis_client().incr(redis_key("test", "count", input.key))
     time.sleep(input.seconds)
     return {"executions": executions, "value": input.value}
+
+
+@memoize(ttl=300)
+def memo_square(key: str, n: int) -> dict:
+    """Counts its computations in Redis under `key`, takes a second, and squares `n`."""
+    redis_client().incr(redis_key("test", "memo", key))
+    time.sleep(1)
+    return {"square": n * n}
+
+
+class MemoInput(BaseModel):
+    key: str
+    n: int = 3
+
+
+@agent(name="test.memo", input=MemoInput, soft_time_limit=30, time_limit=40)
+def memo(ctx, input: MemoInput) -> dict:
+    """Calls a memoized function: simultaneous runs compute it once between them."""
+    return memo_square(input.key, input.n)
 
 
 class OrderInput(BaseModel):
