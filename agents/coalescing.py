@@ -24,7 +24,7 @@ from agentplatform import events
 from agentplatform.redis_client import redis_client, redis_key
 from agents.dispatch import run_dispatch
 from agents.models import Run, RunStatus, SlaMiss
-from caching.results import input_hash
+from caching.results import input_hash, result_cache_get_many
 
 logger = logging.getLogger(__name__)
 
@@ -66,14 +66,9 @@ def runs_follow_inflight(runs: list[Run]) -> None:
     leader_ids = {leader.decode() for leader in leaders if leader is not None}
     if not leader_ids:
         return
-    in_flight = set(
-        str(pk)
-        for pk in Run.objects.filter(pk__in=leader_ids, status__in=[RunStatus.QUEUED, RunStatus.RUNNING]).values_list(
-            "pk", flat=True
-        )
-    )
+    followable = _followable(leader_ids)
     for run, leader in zip(runs, leaders, strict=True):
-        if leader is not None and leader.decode() in in_flight:
+        if leader is not None and leader.decode() in followable:
             run.follows_id = leader.decode()
             run.escalate_at = None
 
@@ -92,9 +87,9 @@ def runs_lead(runs: list[Run]) -> list[Run]:
         pipe.set(inflight_key(run), str(run.pk), nx=True, get=True, ex=_key_ttl(run))
     try:
         holders = [holder.decode() if holder is not None else None for holder in pipe.execute()]
-        in_flight = _in_flight({holder for holder in holders if holder is not None})
+        followable = _followable({holder for holder in holders if holder is not None})
         for index, (run, holder) in enumerate(zip(runs, holders, strict=True)):
-            if holder is not None and holder not in in_flight:
+            if holder is not None and holder not in followable:
                 holders[index] = _take_key(client, run, stale=holder)
     except redis.RedisError:
         logger.exception("could not claim in-flight keys; these runs execute on their own")
@@ -112,16 +107,48 @@ def runs_lead(runs: list[Run]) -> list[Run]:
         )
         for run in followers:
             run.follows_id = holder
-    # A leader that ended between the claim and the update above did not see these followers.
-    followers_settle(Run.objects.filter(pk__in={run.follows_id for run in runs if run.follows_id is not None}))
-    return leading
+    leaders_settle(runs)
+    return _answered_meanwhile(leading)
 
 
-def _in_flight(run_ids: set[str]) -> set[str]:
+def leaders_settle(runs: Iterable[Run]) -> None:
+    """Settle the followers among `runs` whose leader ended before they were committed or converted."""
+    followed = {run.follows_id for run in runs if run.follows_id is not None}
+    if followed:
+        followers_settle(Run.objects.filter(pk__in=followed))
+
+
+def _followable(run_ids: set[str]) -> set[str]:
+    """The runs a new identical run may follow: in flight, or succeeded (its followers share the result at once)."""
     if not run_ids:
         return set()
-    runs = Run.objects.filter(pk__in=run_ids, status__in=[RunStatus.QUEUED, RunStatus.RUNNING])
+    runs = Run.objects.filter(pk__in=run_ids, status__in=[RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.SUCCEEDED])
     return {str(pk) for pk in runs.values_list("pk", flat=True)}
+
+
+def _answered_meanwhile(leading: list[Run]) -> list[Run]:
+    """Finish from the result cache the new leaders whose result was stored since they were submitted.
+
+    A leader stores its result before it gives up its key, so a run that took a key just given up
+    finds the result here rather than computing it again. Returns the leaders still to dispatch.
+    """
+    hits = result_cache_get_many([(run.agent.name, run.agent_version, run.input) for run in leading])
+    to_run = []
+    for run, hit in zip(leading, hits, strict=True):
+        if hit is None:
+            to_run.append(run)
+            continue
+        now = timezone.now()
+        answered = {
+            "status": RunStatus.SUCCEEDED, "result": hit.result, "cached": True, "started_at": now,
+            "finished_at": now, "queue_wait_ms": 0, "run_ms": 0, "sla_met": now <= run.deadline, "escalate_at": None,
+        }  # fmt: skip
+        if Run.objects.filter(pk=run.pk, status=RunStatus.QUEUED).update(**answered):
+            for field, value in answered.items():
+                setattr(run, field, value)
+            events.publish_run_events([events.event_of_run(run, "succeeded")])
+            leader_finished(run)
+    return to_run
 
 
 def _take_key(client: redis.Redis, run: Run, *, stale: str) -> str | None:

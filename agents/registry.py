@@ -3,6 +3,7 @@
 import importlib
 import inspect
 import re
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,6 +60,7 @@ class AgentRegistry:
     def __init__(self) -> None:
         self._specs: dict[str, AgentSpec] = {}
         self._discovered = False
+        self._discovering = threading.RLock()
 
     def register(self, spec: AgentSpec) -> None:
         existing = self._specs.get(spec.name)
@@ -91,12 +93,16 @@ class AgentRegistry:
         """Import the built-in agents, every installed app's agents.py and settings.AGENT_MODULES."""
         if self._discovered:
             return
-        self._discovered = True
-        for module in BUILTIN_MODULES:
-            importlib.import_module(module)
-        autodiscover_modules("agents")
-        for module in settings.AGENT_MODULES:
-            importlib.import_module(module)
+        # Threads of a web process asking at once must all wait for the whole registry.
+        with self._discovering:
+            if self._discovered:
+                return
+            for module in BUILTIN_MODULES:
+                importlib.import_module(module)
+            autodiscover_modules("agents")
+            for module in settings.AGENT_MODULES:
+                importlib.import_module(module)
+            self._discovered = True
 
 
 def _qualified_name(func: Callable[..., Any]) -> str:

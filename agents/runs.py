@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from agentplatform import events
 from agentplatform.redis_client import redis_client
-from agents.coalescing import leader_finished, runs_follow_inflight, runs_lead
+from agents.coalescing import leader_finished, leaders_settle, runs_follow_inflight, runs_lead
 from agents.dispatch import run_dispatch
 from agents.errors import PayloadTooLarge, RunNotCancellable, RunRejected
 from agents.models import Agent, Run, RunStatus
@@ -250,6 +250,8 @@ def _after_submit(runs: list[Run], *, shareable: set) -> None:
     try:
         leading = runs_lead([run for run in independent if run.pk in shareable])
         run_dispatch([run for run in independent if run.pk not in shareable] + leading)
+        # Followers from before the insert: their leader may have ended before they were committed.
+        leaders_settle(runs)
     except Exception:
         # The runs are stored and stay queued: the caller must not see a failure and submit them again.
         logger.exception("could not dispatch %d queued runs; they stay queued until re-dispatched", len(independent))

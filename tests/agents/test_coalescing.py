@@ -4,14 +4,16 @@ import threading
 import time
 
 import pytest
-from django.db import connection
+from django.db import connection, transaction
 from rest_framework.test import APIClient
 
 from agentplatform.redis_client import redis_client, redis_key
 from agents.coalescing import inflight_key, runs_lead
 from agents.models import Agent, Run, RunStatus
 from agents.recovery import sweep
+from agents.runs import RunRequest, run_submit
 from agents.runtime import run_attempt_failed, run_claim, run_succeeded
+from caching.results import result_cache_put
 from tests.factories import RunFactory
 
 RUNS = "/api/v1/runs/"
@@ -212,6 +214,47 @@ def test_followers_do_not_count_against_the_backlog(api, settings):
 
     assert response.status_code == 201
     assert refused.status_code == 429
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_run_arriving_as_its_leader_succeeds_gets_the_result_without_running(api, published):
+    leader = leader_in_flight("just-done")
+    # The leader's outcome is written; it has not yet given up its key.
+    Run.objects.filter(pk=leader.pk).update(status=RunStatus.SUCCEEDED, result={"n": 2})
+
+    follower = submit(api, {"key": "just-done"})
+
+    run = Run.objects.get(pk=follower["id"])
+    assert (run.status, run.result, run.follows_id) == (RunStatus.SUCCEEDED, {"n": 2}, leader.pk)
+    assert published == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_new_leader_finds_a_result_stored_since_it_was_submitted(user):
+    agent = Agent.objects.get(name=AGENT)
+    run = RunFactory(agent=agent, input=agent_input("stored"), submitted_by=user)
+    result_cache_put(agent=AGENT, version=agent.version, input=run.input, result={"n": 3}, ttl=60)
+
+    assert runs_lead([run]) == []
+
+    run.refresh_from_db()
+    assert (run.status, run.result, run.cached) == (RunStatus.SUCCEEDED, {"n": 3}, True)
+    assert not redis_client().exists(inflight_key(run))
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_follower_whose_leader_ends_before_it_is_committed_still_finishes(user):
+    leader = leader_in_flight("uncommitted")
+
+    with transaction.atomic():
+        follower, _ = run_submit(user=user, request=RunRequest(agent=AGENT, input={"key": "uncommitted"}))
+        # Another process finishes the leader while this submission is not yet committed.
+        other = threading.Thread(target=lambda: (finish_leader(leader.pk, {"n": 4}), connection.close()))
+        other.start()
+        other.join()
+
+    follower.refresh_from_db()
+    assert (follower.status, follower.result, follower.follows_id) == (RunStatus.SUCCEEDED, {"n": 4}, leader.pk)
 
 
 @pytest.mark.django_db(transaction=True)

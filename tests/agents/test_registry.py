@@ -1,4 +1,7 @@
 import dataclasses
+import sys
+import threading
+import time
 
 import pytest
 from celery.signals import worker_ready
@@ -55,6 +58,23 @@ def test_two_functions_cannot_share_a_name():
 
     with pytest.raises(RegistryError, match="declared twice"):
         local.register(dataclasses.replace(echo, func=registry.get("sleep").func))
+
+
+def test_a_caller_during_discovery_waits_until_every_module_is_imported(tmp_path, monkeypatch, settings):
+    (tmp_path / "slow_declarations.py").write_text("import time\ntime.sleep(0.5)\nLOADED = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "slow_declarations", raising=False)
+    settings.AGENT_MODULES = ["slow_declarations"]
+    local = AgentRegistry()
+    first = threading.Thread(target=local.discover)
+    first.start()
+    time.sleep(0.1)
+
+    local.discover()
+
+    assert getattr(sys.modules["slow_declarations"], "LOADED", False)
+    first.join()
+    sys.modules.pop("slow_declarations")
 
 
 def test_sync_creates_a_row_per_agent_with_the_code_defaults(db):
