@@ -11,131 +11,17 @@ the figures and the ratios. Latency is submission to finish, from the run's own 
 """
 
 import argparse
-import http.client
-import json
 import os
-import signal
-import socket
-import statistics
-import subprocess
 import sys
 import time
 import uuid
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-BENCH_ID = uuid.uuid4().hex[:8]
-PG_URL = os.environ.get("BENCH_PG_URL", "postgres://postgres@127.0.0.1:5432")
-DB_NAME = f"agentplatform_bench_{BENCH_ID}"
-PREFIX = f"apbench:{BENCH_ID}:"
+from bench.stack import Api, Processes, configure, paced, percentiles, start_platform, throwaway, wait_for_workers
 
-os.environ.update(
-    DATABASE_URL=f"{PG_URL}/{DB_NAME}",
-    REDIS_KEY_PREFIX=PREFIX,
-    DJANGO_SETTINGS_MODULE="agentplatform.settings",
-    TIER_BACKLOG_LIMIT_BATCH="1000000",
-    API_SUBMIT_RATE="1000000/minute",
-    AGENT_MODULES="",
-    LOG_LEVEL="WARNING",
-    PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def percentiles(values_ms: list[float]) -> dict[str, float]:
-    ordered = sorted(values_ms)
-    quantiles = statistics.quantiles(ordered, n=100, method="inclusive")
-    return {"p50": quantiles[49], "p95": quantiles[94], "p99": quantiles[98], "n": len(ordered)}
-
-
-class Api:
-    def __init__(self, port: int, token: str) -> None:
-        self.port = port
-        self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-        self.headers = {"Authorization": f"Token {token}", "Content-Type": "application/json"}
-
-    def post(self, path: str, body: dict) -> dict | list:
-        try:
-            self.connection.request("POST", path, json.dumps(body), self.headers)
-            response = self.connection.getresponse()
-        except (ConnectionError, http.client.HTTPException):
-            # The server closes a keep-alive connection left idle between phases.
-            self.connection.close()
-            self.connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
-            self.connection.request("POST", path, json.dumps(body), self.headers)
-            response = self.connection.getresponse()
-        payload = json.loads(response.read())
-        if response.status not in (200, 201):
-            raise RuntimeError(f"POST {path} answered {response.status}: {payload}")
-        return payload
-
-
-class Processes:
-    """Child processes in their own process groups, stopped by pid."""
-
-    def __init__(self) -> None:
-        self.started: list[subprocess.Popen] = []
-
-    def start(self, args: list[str], env: dict[str, str] | None = None, log: str = "") -> subprocess.Popen:
-        out = open(ROOT / "var" / f"bench-{BENCH_ID}-{log}.log", "w") if log else subprocess.DEVNULL  # noqa: SIM115
-        process = subprocess.Popen(
-            args, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
-        self.started.append(process)
-        return process
-
-    def stop_all(self) -> None:
-        for process in self.started:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-        for process in self.started:
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-        self.started.clear()
-
-
-def wait_for_port(port: int, seconds: float = 60) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise RuntimeError(f"nothing answered on port {port}")
-
-
-def wait_for_workers(names: list[str], seconds: float = 60) -> None:
-    from agentplatform.celery import app
-
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        replies = app.control.ping(timeout=1.0) or []
-        alive = {name.split("@")[0] for reply in replies for name in reply}
-        if set(names) <= alive:
-            return
-    raise RuntimeError(f"workers {names} did not start")
-
-
-def paced(rate: float, seconds: float, submit) -> list:
-    """Call submit() `rate` times a second for `seconds`, on schedule."""
-    results, start = [], time.monotonic()
-    for i in range(int(rate * seconds)):
-        delay = start + i / rate - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-        results.append(submit())
-    return results
+configure(TIER_BACKLOG_LIMIT_BATCH="1000000")
 
 
 # --- the platform ---------------------------------------------------------------------------
@@ -186,29 +72,11 @@ def platform_critical(api: Api, args) -> list[str]:
     def submit() -> str:
         return api.post("/api/v1/runs/", {"agent": "spin", "input": {"ms": args.work_ms}, "tier": "critical"})["id"]
 
-    return paced(args.rate, args.seconds, submit)
+    return paced(args.rate, int(args.rate * args.seconds), submit)
 
 
 def bench_platform(args, processes: Processes) -> dict:
-    import django
-    from django.core.management import call_command
-
-    django.setup()
-    call_command("migrate", verbosity=0)
-    from django.contrib.auth import get_user_model
-    from rest_framework.authtoken.models import Token
-
-    user = get_user_model().objects.create_user("bench", password=uuid.uuid4().hex)
-    token = Token.objects.create(user=user).key
-    port = free_port()
-    processes.start(
-        ["honcho", "start", "--procfile", "Procfile", "--env", "/dev/null", "web", "critical",
-         "batch"],
-        env={"WEB_PORT": str(port)}, log="platform",
-    )  # fmt: skip
-    wait_for_port(port)
-    wait_for_workers(["critical", "batch"])
-    api = Api(port, token)
+    api = start_platform(processes, ["critical", "batch"])
     platform_critical(api, argparse.Namespace(**{**vars(args), "seconds": 1}))  # warm up every process
 
     idle = percentiles(platform_latencies_ms(platform_critical(api, args)))
@@ -249,7 +117,7 @@ def bench_naive(args, processes: Processes) -> dict:
     with app.producer_or_acquire():
         for _ in range(args.batch):
             send("batch")
-    critical = paced(args.rate, args.seconds, lambda: send("critical"))
+    critical = paced(args.rate, int(args.rate * args.seconds), lambda: send("critical"))
     deadline = time.monotonic() + 900
     while redis.hlen(DONE_KEY) < len(submitted) and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -266,28 +134,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10, help="seconds of critical traffic")
     parser.add_argument("--skip-naive", action="store_true")
     args = parser.parse_args()
-    (ROOT / "var").mkdir(exist_ok=True)
-
-    import psycopg
-
-    with psycopg.connect(f"{PG_URL}/postgres", autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{DB_NAME}"')
-    processes = Processes()
-    try:
+    with throwaway() as processes:
         platform = bench_platform(args, processes)
         naive = None if args.skip_naive else bench_naive(args, processes)
-    finally:
-        processes.stop_all()
-        from django.db import connections
-
-        connections.close_all()
-        from agentplatform.redis_client import redis_client
-
-        client = redis_client()
-        for key in client.scan_iter(match=f"{PREFIX}*", count=1000):
-            client.delete(key)
-        with psycopg.connect(f"{PG_URL}/postgres", autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{DB_NAME}" WITH (FORCE)')
 
     def row(name: str, figures: dict) -> str:
         p50, p95, p99 = figures["p50"], figures["p95"], figures["p99"]
