@@ -154,8 +154,9 @@ EVENTS_URL = env_str("EVENTS_URL", f"http://127.0.0.1:{env_int('EVENTS_PORT', 80
 # A comment line is sent on a quiet stream this often, so proxies and clients keep it open.
 EVENTS_KEEPALIVE_SECONDS = env_float("EVENTS_KEEPALIVE_SECONDS", 15)
 
-# The topic dispatcher acts on a message id once per agent within this many seconds.
-TOPIC_DEDUPE_SECONDS = env_int("TOPIC_DEDUPE_SECONDS", 24 * 3600)
+# The topic dispatcher acts on a message id once per agent within this many seconds (copies of a
+# message reach several dispatchers within milliseconds; each id costs a key for this long).
+TOPIC_DEDUPE_SECONDS = env_int("TOPIC_DEDUPE_SECONDS", 600)
 
 # Agents: modules imported by the registry besides the built-ins and every app's agents.py.
 AGENT_MODULES = env_list("AGENT_MODULES")

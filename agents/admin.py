@@ -5,6 +5,7 @@ import uuid
 from datetime import timedelta
 from typing import Any
 
+import redis
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.views.main import ChangeList
@@ -160,7 +161,11 @@ class AgentAdmin(admin.ModelAdmin):
         spec = registry.get(agent.name)
         if spec is None or not spec.topics:
             return "-"
-        stats = topic_stats()
+        try:
+            stats = topic_stats()
+        except redis.RedisError:
+            return format_html_join("\n", "<div><code>{}</code> (counts unavailable: Redis does not answer)</div>", (
+                (topic,) for topic in spec.topics))  # fmt: skip
         counters = ("received", "submitted", "bad", "refused")
         return format_html_join(
             "\n",

@@ -14,10 +14,12 @@ checked again by the sweeper, so a lost key or a crash between steps never stran
 import logging
 from collections import defaultdict
 from collections.abc import Iterable
+from datetime import timedelta
+from itertools import islice
 
 import redis
 from django.db import transaction
-from django.db.models import Case, Value, When
+from django.db.models import Case, Q, Value, When
 from django.utils import timezone
 
 from agentplatform import events
@@ -25,6 +27,7 @@ from agentplatform.redis_client import redis_client, redis_key
 from agents.dispatch import run_dispatch
 from agents.models import Run, RunStatus, SlaMiss
 from caching.results import input_hash, result_cache_get_many
+from scheduling.tiers import Tier
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +48,21 @@ return holder
 """
 
 
-def inflight_key(run: Run) -> str:
-    return redis_key("inflight", run.agent.name, run.agent_version, input_hash(run.input))
+# A run may follow a leader of its own tier or a more urgent one, never a less urgent one: a
+# critical run must not wait for batch work. Most urgent first.
+FOLLOWABLE_TIERS: dict[Tier, tuple[Tier, ...]] = {
+    Tier.CRITICAL: (Tier.CRITICAL,),
+    Tier.STANDARD: (Tier.CRITICAL, Tier.STANDARD),
+    Tier.BATCH: (Tier.CRITICAL, Tier.STANDARD, Tier.BATCH),
+}
+URGENCY = Case(When(tier=Tier.CRITICAL, then=Value(0)), When(tier=Tier.STANDARD, then=Value(1)), default=Value(2))
+# A leader that succeeded this recently may still hold its key: a run that finds it shares its result.
+JUST_SUCCEEDED = timedelta(seconds=60)
+
+
+def inflight_key(run: Run, tier: Tier | None = None) -> str:
+    """The key naming the leader of the run's input on its tier (or on `tier`)."""
+    return redis_key("inflight", run.agent.name, run.agent_version, tier or Tier(run.tier), input_hash(run.input))
 
 
 def _key_ttl(run: Run) -> int:
@@ -58,18 +74,18 @@ def runs_follow_inflight(runs: list[Run]) -> None:
     """Before insert: each run whose identical run is already in flight follows it instead of running."""
     if not runs:
         return
+    keys = [[inflight_key(run, tier) for tier in FOLLOWABLE_TIERS[Tier(run.tier)]] for run in runs]
     try:
-        leaders = redis_client().mget([inflight_key(run) for run in runs])
+        found = iter(redis_client().mget([key for run_keys in keys for key in run_keys]))
     except redis.RedisError:
         logger.exception("in-flight lookup failed; these runs execute on their own")
         return
-    leader_ids = {leader.decode() for leader in leaders if leader is not None}
-    if not leader_ids:
-        return
-    followable = _followable(leader_ids)
-    for run, leader in zip(runs, leaders, strict=True):
-        if leader is not None and leader.decode() in followable:
-            run.follows_id = leader.decode()
+    leaders = [[leader.decode() for leader in islice(found, len(run_keys)) if leader is not None] for run_keys in keys]
+    followable = _followable({leader for run_leaders in leaders for leader in run_leaders})
+    for run, run_leaders in zip(runs, leaders, strict=True):
+        leader = next((leader for leader in run_leaders if leader in followable), None)
+        if leader is not None:
+            run.follows_id = leader
             run.escalate_at = None
 
 
@@ -122,7 +138,9 @@ def _followable(run_ids: set[str]) -> set[str]:
     """The runs a new identical run may follow: in flight, or succeeded (its followers share the result at once)."""
     if not run_ids:
         return set()
-    runs = Run.objects.filter(pk__in=run_ids, status__in=[RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.SUCCEEDED])
+    in_flight = Q(status__in=[RunStatus.QUEUED, RunStatus.RUNNING])
+    just_succeeded = Q(status=RunStatus.SUCCEEDED, finished_at__gte=timezone.now() - JUST_SUCCEEDED)
+    runs = Run.objects.filter(in_flight | just_succeeded, pk__in=run_ids)
     return {str(pk) for pk in runs.values_list("pk", flat=True)}
 
 
@@ -158,14 +176,18 @@ def _take_key(client: redis.Redis, run: Run, *, stale: str) -> str | None:
 
 
 def leader_finished(run: Run) -> None:
-    """A run reached a final status: give up its in-flight key and settle the runs that followed it."""
+    """A run reached a final status: give up its in-flight key and settle the runs that followed it.
+
+    Never raises: the run's own outcome is already recorded, and the sweeper settles followers
+    that this misses.
+    """
     if run.follows_id is not None or run.agent.cache_ttl <= 0:
         return
     try:
         redis_client().eval(RELEASE, 1, inflight_key(run), str(run.pk))
-    except redis.RedisError:
-        logger.exception("could not release the in-flight key of run %s", run.pk)
-    followers_settle([run])
+        followers_settle([run])
+    except Exception:
+        logger.exception("could not settle the followers of run %s; the sweeper will", run.pk)
 
 
 def followers_settle(leaders: Iterable[Run]) -> int:
@@ -212,21 +234,23 @@ def _followers_finish(leader: Run, *, status: RunStatus, result, error) -> int:
 
 
 def _followers_take_over(leader: Run) -> int:
-    """The oldest follower of a cancelled or expired leader takes over the work; the others follow it."""
+    """The most urgent, then oldest, follower of a cancelled or expired leader takes over the work.
+
+    The others follow it: none is more urgent than the heir, so none waits on less urgent work.
+    """
     while True:
-        heir = (
-            Run.objects.select_related("agent")
-            .filter(follows=leader, status=RunStatus.QUEUED)
-            .order_by("submitted_at")
-            .first()
-        )
+        followers = Run.objects.select_related("agent").filter(follows=leader, status=RunStatus.QUEUED)
+        heir = followers.order_by(URGENCY, "submitted_at").first()
         if heir is None:
             return 0
-        Run.objects.filter(pk=heir.pk).update(follows=None)
+        if not Run.objects.filter(pk=heir.pk, follows=leader, status=RunStatus.QUEUED).update(follows=None):
+            continue
         heir.follows_id = None
         if runs_lead([heir]):
             moved = Run.objects.filter(follows=leader, status=RunStatus.QUEUED).update(follows=heir)
             run_dispatch([heir])
+            # The heir may have been cancelled before the others moved to it.
+            followers_settle([heir])
             logger.info("run %s took over from %s run %s for %d followers", heir.pk, leader.status, leader.pk, moved)
             return moved + 1
         if heir.follows_id is not None:

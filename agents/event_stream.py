@@ -1,6 +1,7 @@
 """Following run events live: which channel a caller may read, and the events it gets from it."""
 
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -72,26 +73,34 @@ async def event_stream_read(stream: EventStream, *, keepalive: float) -> AsyncIt
     """
     # One connection per stream: async connections belong to the event loop that made them.
     client = redis.asyncio.Redis.from_url(settings.REDIS_URL, socket_timeout=None)
-    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    pubsub = client.pubsub()
     try:
         await pubsub.subscribe(stream.channel)
-        yield None
+        # subscribe() only sends the command: the stream is live once Redis confirms it.
+        while (await pubsub.get_message(timeout=keepalive) or {}).get("type") != "subscribe":
+            pass
+        # Read after the subscription stands, so that whatever happens to the run later reaches us.
         if stream.run is not None:
             await in_db_thread(stream.run.refresh_from_db, fields=["status", "attempts"])
-            if stream.run.is_terminal:
-                yield events.event_of_run(stream.run, str(stream.run.status))
-                return
+        yield None
+        if stream.run is not None and stream.run.is_terminal:
+            yield events.event_of_run(stream.run, str(stream.run.status))
+            return
+        quiet_since = time.monotonic()
         while True:
-            message = await pubsub.get_message(timeout=keepalive)
-            if message is None:
+            # Other users' events are read and dropped; they do not count as the client hearing anything.
+            wait = max(keepalive - (time.monotonic() - quiet_since), 0.0)
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=wait)
+            if message is not None:
+                event = json.loads(message["data"])
+                if stream.user_id is None or event.get("user") == stream.user_id:
+                    yield event
+                    quiet_since = time.monotonic()
+                    if stream.run is not None and event.get("status") in RunStatus.terminal():
+                        return
+            if time.monotonic() - quiet_since >= keepalive:
                 yield None
-                continue
-            event = json.loads(message["data"])
-            if stream.user_id is not None and event.get("user") != stream.user_id:
-                continue
-            yield event
-            if stream.run is not None and event.get("status") in RunStatus.terminal():
-                return
+                quiet_since = time.monotonic()
     finally:
         await pubsub.aclose()
         await client.aclose()

@@ -273,8 +273,8 @@ def run_cancel(*, run: Run) -> Run:
     if not cancelled:
         raise RunNotCancellable(run.status)
     events.publish_cancel(run.pk)
-    leader_finished(run)
     events.publish_run_events([events.event_of_run(run, "cancelled")])
+    leader_finished(run)
     return run
 
 

@@ -46,7 +46,7 @@ def topic_stats_key() -> str:
 
 
 def topic_stats() -> dict[str, dict[str, int]]:
-    """Per topic: messages received, runs submitted, bad, refused (admission) and duplicate messages."""
+    """Per topic: messages received, runs submitted, bad, refused (admission), failed and duplicate messages."""
     stats: dict[str, dict[str, int]] = {}
     for field, value in redis_client().hgetall(topic_stats_key()).items():
         topic, _, counter = field.decode().rpartition(":")
@@ -93,10 +93,8 @@ def topic_message_dispatch(topic: str, data: bytes | str, *, agents: list[str]) 
         return _counted(topic, outcome)
     user, parent = _origin(envelope)
     for agent in agents:
-        first = redis_client().set(
-            redis_key("topics", "seen", envelope["id"], agent), 1, nx=True, ex=settings.TOPIC_DEDUPE_SECONDS
-        )
-        if not first:
+        seen = redis_key("topics", "seen", envelope["id"], agent)
+        if not redis_client().set(seen, 1, nx=True, ex=settings.TOPIC_DEDUPE_SECONDS):
             outcome["duplicate"] += 1
             continue
         try:
@@ -107,6 +105,12 @@ def topic_message_dispatch(topic: str, data: bytes | str, *, agents: list[str]) 
         except AdmissionRefused as exc:
             logger.warning("message %s on topic %s not run by %s: %s", envelope["id"], topic, agent, exc)
             outcome["refused"] += 1
+        except Exception:
+            # The message was fine; this agent's run was not stored (the database, say), so another
+            # dispatcher may still take it, and the other agents get theirs.
+            logger.exception("message %s on topic %s: no run of %s", envelope["id"], topic, agent)
+            redis_client().delete(seen)
+            outcome["failed"] += 1
         else:
             logger.info("message %s on topic %s: run %s of %s", envelope["id"], topic, run.pk, agent)
             outcome["submitted"] += 1
@@ -139,7 +143,10 @@ def topic_dispatcher_serve(stop: threading.Event, *, subscribed: threading.Event
             if subscribed is not None:
                 subscribed.set()
             while not stop.is_set():
-                message = pubsub.get_message(timeout=1.0) if channels else stop.wait(1.0)
+                if not channels:
+                    stop.wait(1.0)
+                    continue
+                message = pubsub.get_message(timeout=1.0)
                 if message:
                     _handle(channels[message["channel"].decode()], message["data"], reacting)
         except redis.RedisError:

@@ -1,6 +1,7 @@
 """The operators' view of memoized functions: how well each is cached, and clearing its entries."""
 
-from django.contrib import admin
+import redis
+from django.contrib import admin, messages
 from django.contrib.admin.views.main import ChangeList
 from django.template.defaultfilters import pluralize
 
@@ -14,7 +15,11 @@ class MemoizedFunctionChangeList(ChangeList):
     def get_results(self, request) -> None:
         super().get_results(request)
         functions = list(self.result_list)
-        stats = memo_stats([function.name for function in functions])
+        try:
+            stats = memo_stats([function.name for function in functions])
+        except redis.RedisError:
+            messages.warning(request, "Redis does not answer: the statistics below are not the real ones.")
+            stats = {function.name: MemoStats() for function in functions}
         for function in functions:
             function.stats = stats[function.name]
 

@@ -129,6 +129,25 @@ def test_a_quiet_stream_gets_keepalive_comments(events_server):
     assert client.next(timeout=5).comment == "keepalive"
 
 
+def test_a_stream_busy_with_other_users_events_still_gets_keepalives(events_server):
+    theirs = RunFactory()
+    client = stream(events_server, "agent=echo", UserFactory())
+    client.subscribed()
+    stop = threading.Event()
+
+    def others_publish() -> None:
+        while not stop.wait(0.1):
+            publish(theirs, "queued")
+
+    publisher = threading.Thread(target=others_publish)
+    publisher.start()
+    try:
+        assert client.next(timeout=3).comment == "keepalive"
+    finally:
+        stop.set()
+        publisher.join()
+
+
 def test_another_users_run_is_not_found(events_server):
     run = RunFactory()
 

@@ -5,6 +5,7 @@ import time
 
 import pytest
 from django.db import connection, transaction
+from django.utils import timezone
 from rest_framework.test import APIClient
 
 from agentplatform.redis_client import redis_client, redis_key
@@ -174,6 +175,41 @@ def test_cancelling_a_follower_leaves_the_leader_and_the_others(api):
 
 
 @pytest.mark.django_db(transaction=True)
+def test_a_critical_run_never_follows_a_batch_run(api, published):
+    submit(api, {"key": "tiers"}, tier="batch")
+
+    critical = submit(api, {"key": "tiers"}, tier="critical")
+
+    assert critical["follows"] is None
+    assert published[-1] == [critical["id"]]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_batch_run_follows_an_identical_critical_run(api):
+    leader = leader_in_flight("downhill")
+    Run.objects.filter(pk=leader.pk).update(tier="critical")
+    runs_lead([Run.objects.select_related("agent").get(pk=leader.pk)])
+
+    batch = submit(api, {"key": "downhill"}, tier="batch")
+
+    assert batch["follows"] == str(leader.pk)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_most_urgent_follower_takes_over_a_cancelled_leader(api, published):
+    leader = leader_in_flight("urgent")
+    leader.submitted_by = api.user
+    leader.save()
+    older_batch = submit(api, {"key": "urgent"}, tier="batch")
+    newer_standard = submit(api, {"key": "urgent"})
+
+    api.post(f"{RUNS}{leader.pk}/cancel/")
+
+    assert published == [[newer_standard["id"]]]
+    assert str(Run.objects.get(pk=older_batch["id"]).follows_id) == newer_standard["id"]
+
+
+@pytest.mark.django_db(transaction=True)
 def test_a_bypass_submission_runs_on_its_own(api, published):
     leader_in_flight("own")
 
@@ -220,7 +256,7 @@ def test_followers_do_not_count_against_the_backlog(api, settings):
 def test_a_run_arriving_as_its_leader_succeeds_gets_the_result_without_running(api, published):
     leader = leader_in_flight("just-done")
     # The leader's outcome is written; it has not yet given up its key.
-    Run.objects.filter(pk=leader.pk).update(status=RunStatus.SUCCEEDED, result={"n": 2})
+    Run.objects.filter(pk=leader.pk).update(status=RunStatus.SUCCEEDED, result={"n": 2}, finished_at=timezone.now())
 
     follower = submit(api, {"key": "just-done"})
 

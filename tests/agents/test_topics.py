@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from agentplatform import events
 from agentplatform.redis_client import redis_client
 from agents.models import Agent, Run, RunStatus
 from agents.registry import RegistryError, agent, registry
-from agents.topics import topic_message_dispatch, topic_stats, topic_stats_key
+from agents.topics import topic_dispatcher_serve, topic_message_dispatch, topic_stats, topic_stats_key
 from tests.conftest import ROOT, worker_env
 from tests.factories import RunFactory
 
@@ -104,6 +105,26 @@ def test_a_disabled_agent_gets_no_runs_from_its_topic():
 
     assert outcome["submitted"] == 0
     assert not Run.objects.filter(agent__name="test.listener").exists()
+
+
+def test_a_dispatcher_with_no_topic_to_serve_idles_and_stops_cleanly(monkeypatch):
+    monkeypatch.setattr(registry, "reacting_to", dict)
+    stop, subscribed, failures = threading.Event(), threading.Event(), []
+
+    def serve() -> None:
+        try:
+            topic_dispatcher_serve(stop, subscribed=subscribed)
+        except Exception as exc:
+            failures.append(exc)
+
+    server = threading.Thread(target=serve)
+    server.start()
+    assert subscribed.wait(5)
+    stop.set()
+    server.join(5)
+
+    assert not server.is_alive()
+    assert failures == []
 
 
 @pytest.fixture
