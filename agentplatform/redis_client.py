@@ -18,6 +18,21 @@ def redis_client() -> redis.Redis:
     return _client(settings.REDIS_URL)
 
 
+def redis_delete_matching(pattern: str, *, client: redis.Redis | None = None) -> int:
+    """Delete every key matching a glob pattern, a thousand at a time (SCAN, never KEYS); returns how many."""
+    client = client or redis_client()
+    removed = 0
+    batch: list[bytes] = []
+    for key in client.scan_iter(match=pattern, count=1000):
+        batch.append(key)
+        if len(batch) >= 1000:
+            removed += client.delete(*batch)
+            batch = []
+    if batch:
+        removed += client.delete(*batch)
+    return removed
+
+
 def redis_key(*parts: object) -> str:
     """A key or channel name under the deployment's prefix: redis_key('events', 'all') -> 'ap:events:all'."""
     return settings.REDIS_KEY_PREFIX + ":".join(str(part) for part in parts)

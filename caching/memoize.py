@@ -32,7 +32,7 @@ from typing import Any
 import redis
 from django.conf import settings
 
-from agentplatform.redis_client import redis_client, redis_key
+from agentplatform.redis_client import redis_client, redis_delete_matching, redis_key
 from caching.locks import ExpiringLock
 from caching.lru import BoundedLRU
 
@@ -589,23 +589,10 @@ def memo_clear(name: str) -> int:
     store a value computed before the clear.
     """
     client = redis_client()
-    removed = _delete_matching(client, redis_key("memo", name, "*"))
-    _delete_matching(client, redis_key("memo", "lock", name, "*"))
+    removed = redis_delete_matching(redis_key("memo", name, "*"), client=client)
+    redis_delete_matching(redis_key("memo", "lock", name, "*"), client=client)
     client.publish(memo_invalidate_channel(), json.dumps({"function": name, "digest": None}))
     _drop_local(name, None)
-    return removed
-
-
-def _delete_matching(client: redis.Redis, pattern: str) -> int:
-    removed = 0
-    batch: list[bytes] = []
-    for key in client.scan_iter(match=pattern, count=1000):
-        batch.append(key)
-        if len(batch) >= 1000:
-            removed += client.delete(*batch)
-            batch = []
-    if batch:
-        removed += client.delete(*batch)
     return removed
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import redis
 
-from agentplatform.redis_client import redis_client, redis_key
+from agentplatform.redis_client import redis_client, redis_delete_matching, redis_key
 
 logger = logging.getLogger(__name__)
 
@@ -57,14 +57,4 @@ def result_cache_put(*, agent: str, version: str, input: Any, result: Any, ttl: 
 
 def result_cache_clear(agent: str) -> int:
     """Remove every cached result of the agent, all versions; returns how many entries went."""
-    client = redis_client()
-    removed = 0
-    batch: list[bytes] = []
-    for key in client.scan_iter(match=redis_key("result", agent, "*"), count=1000):
-        batch.append(key)
-        if len(batch) >= 1000:
-            removed += client.delete(*batch)
-            batch = []
-    if batch:
-        removed += client.delete(*batch)
-    return removed
+    return redis_delete_matching(redis_key("result", agent, "*"))
