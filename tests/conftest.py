@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 from celery.signals import before_task_publish
 from django.conf import settings
+from django.core.management.base import CommandError
+from django.test import TransactionTestCase
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
@@ -18,6 +20,7 @@ from tests.factories import StaffFactory, UserFactory
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER_READY_SECONDS = 60
+FLUSH_ATTEMPTS = 3
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -27,6 +30,29 @@ def redis_keys_removed_after_run() -> Iterator[None]:
     client = redis_client()
     for key in client.scan_iter(match=f"{settings.REDIS_KEY_PREFIX}*", count=1000):
         client.delete(key)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _flush_retried_on_deadlock() -> Iterator[None]:
+    """A transactional test's tables are emptied while this run's workers may still be finishing its runs.
+
+    TRUNCATE and a worker's statement can then deadlock; PostgreSQL aborts one of them, and when
+    it aborts the TRUNCATE, emptying the tables again a moment later succeeds.
+    """
+    flush = TransactionTestCase._fixture_teardown
+
+    def flush_retried(self) -> None:
+        for attempt in range(FLUSH_ATTEMPTS):
+            try:
+                return flush(self)
+            except CommandError as exc:
+                if attempt == FLUSH_ATTEMPTS - 1 or "deadlock" not in str(exc.__cause__):
+                    raise
+                time.sleep(0.2)
+
+    TransactionTestCase._fixture_teardown = flush_retried
+    yield
+    TransactionTestCase._fixture_teardown = flush
 
 
 @pytest.fixture(autouse=True)
