@@ -232,10 +232,9 @@ def agent_backlog(agent: Agent) -> Backlog:
 
 
 def _answer_from_cache(runs: list[Run]) -> None:
-    """Finish at once, as succeeded and cached, the runs of cacheable agents whose result is cached."""
-    cacheable = [run for run in runs if run.agent.cache_ttl > 0]
-    hits = result_cache_get_many([(run.agent.name, run.agent_version, run.input) for run in cacheable])
-    for run, hit in zip(cacheable, hits, strict=True):
+    """Finish at once, as succeeded and cached, the runs (of cacheable agents) whose result is cached."""
+    hits = result_cache_get_many([(run.agent.name, run.agent_version, run.input) for run in runs])
+    for run, hit in zip(runs, hits, strict=True):
         if hit is None:
             continue
         run.status, run.result, run.cached = RunStatus.SUCCEEDED, hit.result, True
