@@ -31,10 +31,10 @@ def executions(key: str) -> int:
     return int(redis_client().get(redis_key("test", "count", key)) or 0)
 
 
-def leader_in_flight(key: str) -> Run:
+def leader_in_flight(key: str, tier: str = "standard") -> Run:
     """A queued run of the agent holding the in-flight key of its input, with no message for it."""
     agent = Agent.objects.get(name=AGENT)
-    leader = RunFactory(agent=agent, input=agent_input(key))
+    leader = RunFactory(agent=agent, input=agent_input(key), tier=tier)
     assert runs_lead([leader]) == [leader]
     return leader
 
@@ -176,19 +176,17 @@ def test_cancelling_a_follower_leaves_the_leader_and_the_others(api):
 
 @pytest.mark.django_db(transaction=True)
 def test_a_critical_run_never_follows_a_batch_run(api, published):
-    submit(api, {"key": "tiers"}, tier="batch")
+    leader_in_flight("tiers", tier="batch")
 
     critical = submit(api, {"key": "tiers"}, tier="critical")
 
     assert critical["follows"] is None
-    assert published[-1] == [critical["id"]]
+    assert published == [[critical["id"]]]
 
 
 @pytest.mark.django_db(transaction=True)
 def test_a_batch_run_follows_an_identical_critical_run(api):
-    leader = leader_in_flight("downhill")
-    Run.objects.filter(pk=leader.pk).update(tier="critical")
-    runs_lead([Run.objects.select_related("agent").get(pk=leader.pk)])
+    leader = leader_in_flight("downhill", tier="critical")
 
     batch = submit(api, {"key": "downhill"}, tier="batch")
 
