@@ -132,3 +132,8 @@ def listener(ctx, input: OrderInput) -> dict:
 def publisher(ctx, input: OrderInput) -> dict:
     """Publishes an order on the test.orders topic."""
     return {"subscribers": ctx.publish("test.orders", {"order_id": input.order_id})}
+
+
+def executions(key: str) -> int:
+    """How many times test.count or test.cached_count started under `key`."""
+    return int(redis_client().get(redis_key("test", "count", key)) or 0)

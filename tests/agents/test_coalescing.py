@@ -1,14 +1,13 @@
 """Identical runs of a cacheable agent in flight at once share one execution (coalescing)."""
 
 import threading
-import time
 
 import pytest
 from django.db import connection, transaction
 from django.utils import timezone
 from rest_framework.test import APIClient
 
-from agentplatform.redis_client import redis_client, redis_key
+from agentplatform.redis_client import redis_client
 from agents.coalescing import inflight_key, runs_lead
 from agents.models import Agent, Run, RunStatus
 from agents.recovery import sweep
@@ -16,6 +15,8 @@ from agents.runs import RunRequest, run_submit
 from agents.runtime import run_attempt_failed, run_claim, run_succeeded
 from caching.results import result_cache_put
 from tests.factories import RunFactory
+from tests.polling import eventually
+from tests.sample_agents import executions
 
 RUNS = "/api/v1/runs/"
 AGENT = "test.cached_count"
@@ -25,10 +26,6 @@ def submit(api, input: dict, **extra) -> dict:
     response = api.post(RUNS, {"agent": AGENT, "input": input, **extra}, format="json")
     assert response.status_code == 201, response.json()
     return response.json()
-
-
-def executions(key: str) -> int:
-    return int(redis_client().get(redis_key("test", "count", key)) or 0)
 
 
 def leader_in_flight(key: str, tier: str = "standard") -> Run:
@@ -52,13 +49,11 @@ def finish_leader(run_id: str, result: dict) -> None:
 
 
 def wait_terminal(run_ids: list[str], seconds: float = 30) -> list[Run]:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
+    def finished() -> list[Run] | None:
         runs = list(Run.objects.filter(pk__in=run_ids))
-        if all(run.is_terminal for run in runs):
-            return runs
-        time.sleep(0.1)
-    pytest.fail("runs did not finish in time")
+        return runs if all(run.is_terminal for run in runs) else None
+
+    return eventually(finished, seconds=seconds, what="every run finishing")
 
 
 @pytest.mark.slow

@@ -6,11 +6,12 @@ import uuid
 import pytest
 
 from agentplatform.celery import app
-from agentplatform.redis_client import redis_client, redis_key
 from agents.dispatch import EXECUTE_RUN_TASK
 from agents.models import Agent, Run, RunStatus
 from scheduling.tiers import Tier
 from tests.factories import RunFactory
+from tests.polling import eventually
+from tests.sample_agents import executions
 
 pytestmark = pytest.mark.usefixtures("transactional_db", "workers")
 
@@ -26,17 +27,9 @@ def wait(api, run_id: str, seconds: float = 20) -> dict:
 
 
 def wait_for_status(run_id: str, status: str, seconds: float = 10) -> Run:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        run = Run.objects.get(pk=run_id)
-        if run.status == status:
-            return run
-        time.sleep(0.05)
-    raise AssertionError(f"run {run_id} is {Run.objects.get(pk=run_id).status}, not {status}")
-
-
-def executions(key: str) -> int:
-    return int(redis_client().get(redis_key("test", "count", key)) or 0)
+    return eventually(
+        lambda: Run.objects.filter(pk=run_id, status=status).first(), seconds=seconds, what=f"run {run_id} {status}"
+    )
 
 
 def test_echo_returns_its_input(api):

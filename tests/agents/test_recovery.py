@@ -2,7 +2,6 @@
 
 import os
 import signal
-import time
 import uuid
 from datetime import timedelta
 
@@ -14,6 +13,7 @@ from agentplatform.redis_client import redis_client, redis_key
 from agents.models import Run, RunStatus
 from agents.recovery import sweep
 from tests.agents.test_execution import submit, wait, wait_for_status
+from tests.polling import eventually
 
 pytestmark = pytest.mark.usefixtures("transactional_db", "workers")
 
@@ -23,13 +23,10 @@ def counter(kind: str, key: str) -> int:
 
 
 def wait_for_pid(key: str, seconds: float = 10) -> int:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        pid = redis_client().get(redis_key("test", "pid", key))
-        if pid:
-            return int(pid)
-        time.sleep(0.02)
-    raise AssertionError("the agent never started")
+    pid = eventually(
+        lambda: redis_client().get(redis_key("test", "pid", key)), seconds=seconds, what="the agent's start"
+    )
+    return int(pid)
 
 
 def test_a_run_whose_worker_process_is_killed_still_finishes_exactly_once(api):

@@ -17,6 +17,7 @@ from agents.registry import RegistryError, agent, registry
 from agents.topics import topic_dispatcher_serve, topic_message_dispatch, topic_stats, topic_stats_key
 from tests.conftest import ROOT, worker_env
 from tests.factories import RunFactory
+from tests.polling import eventually
 
 TOPIC = "test.orders"
 
@@ -148,23 +149,16 @@ def dispatcher(tmp_path):
     assert process.wait(timeout=20) == 0
 
 
-def wait_for(query, seconds: float = 30):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if (found := query()) is not None:
-            return found
-        time.sleep(0.1)
-    pytest.fail("not in time")
-
-
 @pytest.mark.slow
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.usefixtures("workers")
 def test_an_agent_publishing_on_a_topic_starts_a_run_of_the_agent_that_reacts(api, dispatcher):
     publisher = api.post("/api/v1/runs/", {"agent": "test.publisher", "input": {"order_id": 5}}, format="json").json()
 
-    child = wait_for(
-        lambda: Run.objects.filter(agent__name="test.listener", parent_id=publisher["id"], status="succeeded").first()
+    child = eventually(
+        lambda: Run.objects.filter(agent__name="test.listener", parent_id=publisher["id"], status="succeeded").first(),
+        seconds=30,
+        what="the reacting agent's run",
     )
 
     assert child.result == {"order": 5}
@@ -178,7 +172,7 @@ def test_a_bad_message_does_not_stop_the_dispatcher(dispatcher):
     redis_client().publish(events.topic_channel(TOPIC), b"\x00 garbage")
     events.publish_topic(TOPIC, {"order_id": 11})
 
-    run = wait_for(lambda: Run.objects.filter(agent__name="test.listener").first())
+    run = eventually(lambda: Run.objects.filter(agent__name="test.listener").first(), seconds=30, what="a run")
 
     assert run.input == {"order_id": 11}
     assert dispatcher.poll() is None

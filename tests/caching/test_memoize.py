@@ -9,7 +9,6 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from caching import memoize as memoize_module
 from caching.memoize import Memoized, MemoStats, memo_stats, memo_stats_key, memoize
 from tests.caching import memo_process
 from tests.conftest import worker_env
+from tests.polling import eventually
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -42,13 +42,6 @@ def counted(*, seconds: float = 0.0, **options) -> tuple[Memoized, list[int]]:
     options.setdefault("ttl", 60)
     options.setdefault("name", unique_name())
     return memoize(**options)(double), calls
-
-
-def wait_until(condition: Callable[[], bool], seconds: float = 5.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.02)
 
 
 def start_process(mode: str, key: str, **env: str) -> subprocess.Popen:
@@ -199,7 +192,7 @@ def test_counters_reach_redis_within_about_a_second_without_a_round_trip_per_hit
     double(1)
     double(1)
 
-    wait_until(lambda: redis_client().hget(stats_key, "local_hits") == b"2", seconds=3)
+    eventually(lambda: redis_client().hget(stats_key, "local_hits") == b"2", seconds=3, every=0.02)
 
 
 def test_memo_stats_sums_hits_misses_computations_and_time_saved():
@@ -357,7 +350,9 @@ def test_a_killed_holder_is_taken_over_once_its_lock_lapses():
     client.set(memo_process.sleep_key(key), 30)
     process = start_process("hold", key, MEMO_LOCK_TTL_SECONDS="1")
     try:
-        wait_until(lambda: client.get(memo_process.holder_pid_key(key)) == str(process.pid).encode(), seconds=15)
+        eventually(
+            lambda: client.get(memo_process.holder_pid_key(key)) == str(process.pid).encode(), seconds=15, every=0.02
+        )
     finally:
         process.kill()
         process.wait()
@@ -381,17 +376,17 @@ def test_invalidate_and_clear_reach_the_lru_of_another_process():
         return client.get(memo_process.seen_key(key))
 
     try:
-        wait_until(lambda: seen() == b"a", seconds=15)
+        eventually(lambda: seen() == b"a", seconds=15, every=0.02)
         client.set(memo_process.value_key(key), "b")
         time.sleep(0.3)
         assert seen() == b"a"  # still answered from its memo
 
         memo_process.current.invalidate(key)
-        wait_until(lambda: seen() == b"b", seconds=3)
+        eventually(lambda: seen() == b"b", seconds=3, every=0.02)
 
         client.set(memo_process.value_key(key), "c")
         memo_process.current.clear()
-        wait_until(lambda: seen() == b"c", seconds=3)
+        eventually(lambda: seen() == b"c", seconds=3, every=0.02)
     finally:
         process.kill()
         process.wait()
