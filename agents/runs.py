@@ -246,11 +246,12 @@ def _answer_from_cache(runs: list[Run]) -> None:
 def _after_submit(runs: list[Run], *, shareable: set) -> None:
     _publish_submitted(runs)
     independent = [run for run in runs if run.status == RunStatus.QUEUED and run.follows_id is None]
+    # Followers from before the insert: their leader may have ended before they were committed.
+    followers = [run for run in runs if run.follows_id is not None]
     try:
         leading = runs_lead([run for run in independent if run.pk in shareable])
         run_dispatch([run for run in independent if run.pk not in shareable] + leading)
-        # Followers from before the insert: their leader may have ended before they were committed.
-        leaders_settle(runs)
+        leaders_settle(followers)
     except Exception:
         # The runs are stored and stay queued: the caller must not see a failure and submit them again.
         logger.exception("could not dispatch %d queued runs; they stay queued until re-dispatched", len(independent))
