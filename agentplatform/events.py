@@ -82,13 +82,14 @@ def event_of_run(run: Any, event: str) -> dict[str, Any]:
     )  # fmt: skip
 
 
-def publish_run_events(events: Iterable[dict[str, Any]]) -> None:
+def publish_run_events(events: Iterable[dict[str, Any]], *, pipe: redis.client.Pipeline | None = None) -> None:
     """Publish run events on their run, agent and global channels in one round trip.
 
+    With `pipe`, the publishes go with the commands already queued on it, in the same round trip.
     Best effort: the run row is the truth and is already written, so a Redis failure is logged,
     not raised; a waiter that misses an event finds the outcome when it reads the row again.
     """
-    pipe = redis_client().pipeline(transaction=False)
+    pipe = pipe if pipe is not None else redis_client().pipeline(transaction=False)
     for event in events:
         payload = json.dumps(event)
         pipe.publish(run_channel(event["run"]), payload)

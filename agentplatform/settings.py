@@ -166,6 +166,11 @@ RUN_MAX_INPUT_BYTES = env_int("RUN_MAX_INPUT_BYTES", 1024 * 1024)
 RUN_BATCH_MAX_ITEMS = env_int("RUN_BATCH_MAX_ITEMS", 1000)
 RUN_BATCH_MAX_BYTES = env_int("RUN_BATCH_MAX_BYTES", 16 * 1024 * 1024)
 RUN_WAIT_MAX_SECONDS = env_float("RUN_WAIT_MAX_SECONDS", 30)
+# Runs dispatched together travel together: one message carries up to this many run ids of one tier.
+RUN_MESSAGE_MAX_RUNS = env_int("RUN_MESSAGE_MAX_RUNS", 100)
+# A worker runs a message's runs one after another; once this long has passed, it hands the runs it
+# has not started back to the queue (in two messages, so that other processes share them).
+RUN_MESSAGE_SLICE_SECONDS = env_float("RUN_MESSAGE_SLICE_SECONDS", 0.1)
 # A claimed run's lease lasts its hard time limit plus this grace; past it the run may be claimed again.
 RUN_LEASE_GRACE_SECONDS = env_float("RUN_LEASE_GRACE_SECONDS", 30)
 # Admission: queued runs per tier beyond which submissions get 429 (an agent may set its own limit).

@@ -17,7 +17,8 @@ from django.utils.html import format_html, format_html_join
 from agents.errors import RunNotCancellable, RunRejected
 from agents.models import Agent, Run, RunSchedule
 from agents.registry import registry
-from agents.runs import run_cancel, run_rerun
+from agents.runs.cancellation import run_cancel
+from agents.runs.submit import run_rerun
 from agents.schedules import schedule_delete, schedule_errors, schedule_save
 from agents.stats import StatsBlock, agent_stats
 from agents.topics import topic_stats

@@ -15,7 +15,7 @@ from django.db import connections
 from agentplatform import events
 from agents.errors import RunRejected
 from agents.models import Agent, Run, RunStatus
-from agents.runs import run_visible_to
+from agents.runs.selectors import run_visible_to
 
 T = TypeVar("T")
 

@@ -67,6 +67,9 @@ class RunStatus(models.TextChoices):
         return frozenset({cls.SUCCEEDED, cls.FAILED, cls.CANCELLED, cls.EXPIRED})
 
 
+IN_FLIGHT = Q(status__in=[RunStatus.QUEUED, RunStatus.RUNNING])
+
+
 class SlaMiss(models.TextChoices):
     QUEUE_WAIT = "queue_wait", "Queue wait"
     RUN_TIME = "run_time", "Run time"
@@ -76,7 +79,8 @@ class Run(models.Model):
     """One request to execute an agent, and everything that happened to it."""
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
-    agent = models.ForeignKey(Agent, on_delete=models.PROTECT, related_name="runs")
+    # Indexed with the submission time (run_agent_newest), not alone: every index costs each write of a run.
+    agent = models.ForeignKey(Agent, on_delete=models.PROTECT, related_name="runs", db_index=False)
     agent_version = models.CharField(max_length=50)
     tier = models.CharField(max_length=16, choices=Tier.choices)
     status = models.CharField(max_length=16, choices=RunStatus.choices, default=RunStatus.QUEUED)
@@ -84,7 +88,7 @@ class Run(models.Model):
     result = models.JSONField(null=True, blank=True)
     error = models.JSONField(null=True, blank=True, help_text="type, message and traceback of the last failure.")
     submitted_by = models.ForeignKey(
-        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="runs"
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="runs", db_index=False
     )
     parent = models.ForeignKey(
         "self",
@@ -92,6 +96,7 @@ class Run(models.Model):
         blank=True,
         on_delete=models.SET_NULL,
         related_name="children",
+        db_index=False,
         help_text="The run whose agent submitted this one.",
     )
     follows = models.ForeignKey(
@@ -100,6 +105,7 @@ class Run(models.Model):
         blank=True,
         on_delete=models.SET_NULL,
         related_name="followers",
+        db_index=False,
         help_text="The identical run already in flight whose execution this run shares instead of running.",
     )
     # NULL, not '', for no key: the unique constraint must not see two keyless runs as equal.
@@ -142,15 +148,30 @@ class Run(models.Model):
                 name="run_idempotency_key_unique_per_user",
             ),
         ]
+        # Every index gains an entry each time a run changes state (status is indexed, so no update is
+        # HOT), and a run changes state three times: indexes on in-flight states are partial, so a
+        # finished run leaves them, and only four indexes hold every row.
         indexes = [
-            models.Index(fields=["status", "tier", "submitted_at"], name="run_status_tier_submitted"),
             models.Index(fields=["submitted_by", "-submitted_at"], name="run_owner_newest"),
             models.Index(fields=["agent", "-submitted_at"], name="run_agent_newest"),
-            models.Index(fields=["status", "lease_expires_at"], name="run_status_lease"),
-            models.Index(fields=["status", "expires_at"], name="run_status_expiry"),
-            models.Index(fields=["finished_at"], name="run_finished"),
             models.Index(fields=["submitted_at"], name="run_submitted"),
-            models.Index(fields=["status", "tier", "escalate_at"], name="run_escalation"),
+            models.Index(fields=["finished_at"], name="run_finished", condition=Q(finished_at__isnull=False)),
+            models.Index(fields=["status", "tier", "submitted_at"], name="run_in_flight", condition=IN_FLIGHT),
+            models.Index(fields=["lease_expires_at"], name="run_running_lease", condition=Q(status=RunStatus.RUNNING)),
+            models.Index(
+                fields=["expires_at"],
+                name="run_queued_expiry",
+                condition=Q(status=RunStatus.QUEUED, expires_at__isnull=False),
+            ),
+            models.Index(
+                fields=["escalate_at"],
+                name="run_escalation_due",
+                condition=Q(
+                    status=RunStatus.QUEUED, tier=Tier.STANDARD, escalated_at__isnull=True, escalate_at__isnull=False
+                ),
+            ),
+            models.Index(fields=["parent"], name="run_parent", condition=Q(parent__isnull=False)),
+            models.Index(fields=["follows", "status"], name="run_follows", condition=Q(follows__isnull=False)),
         ]
 
     def __str__(self) -> str:

@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from agents.errors import RunRejected
 from agents.models import Agent, Run, RunSchedule
 from agents.registry import registry
-from agents.runs import RunRequest, input_errors, run_submit
+from agents.runs.submit import RunRequest, input_errors, run_submit
 from scheduling.admission import AdmissionRefused
 from scheduling.tiers import Tier
 

@@ -1,43 +1,42 @@
-"""Celery tasks: thin edges that call the runtime."""
+"""Celery tasks: thin edges that call the run modules."""
 
 from billiard.einfo import ExceptionWithTraceback
 from billiard.exceptions import WorkerLostError
-from celery.exceptions import TimeLimitExceeded
 from celery.worker.request import Request
 
-from agentplatform.celery import PlatformTask, platform_task
-from agents import recovery, runtime, schedules
-from agents.dispatch import EXECUTE_RUN_TASK
+from agentplatform.celery import platform_task
+from agents import schedules
+from agents.runs import execute, recovery
+from agents.runs.dispatch import EXECUTE_RUN_TASK
 from scheduling.tiers import Tier
 
 SWEEP_TASK = "agents.sweep"
 
 
 class ExecuteRunRequest(Request):
+    """Runs in the worker's main process, which outlives the pool process that executes the message."""
+
+    def on_timeout(self, soft, timeout):
+        # The pool kills the process at the message's hard limit: fail the run it was executing.
+        if not soft and self.args:
+            execute.message_killed(run_ids=self.args, worker=self.hostname, pid=self.worker_pid, limit=timeout)
+        return super().on_timeout(soft, timeout)
+
     def on_failure(self, exc_info, send_failed_event=True, return_ok=False):
-        # In the worker's main process, before the message is requeued: a pool process died
-        # mid-run, so end its lease and let the redelivered message claim the run at once.
+        # Before the message is requeued: a pool process died mid-message, so hand its runs back
+        # and let the redelivered message claim them at once.
         exc = exc_info.exception
         if isinstance(exc, ExceptionWithTraceback):
             exc = exc.exc
         if isinstance(exc, WorkerLostError) and self.args:
-            runtime.run_lease_release(run_id=self.args[0], worker=self.hostname)
+            execute.message_lost(run_ids=self.args, worker=self.hostname, pid=self.worker_pid)
         return super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
 
 
-class ExecuteRunTask(PlatformTask):
-    Request = ExecuteRunRequest
-
-    def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:
-        # Called in the worker's main process when the pool killed the child at the hard limit.
-        if isinstance(exc, TimeLimitExceeded) and args:
-            runtime.run_hard_time_limit_exceeded(run_id=args[0], limit=float(exc.args[0]) if exc.args else 0.0)
-
-
-@platform_task(name=EXECUTE_RUN_TASK, queue=Tier.STANDARD.queue, base=ExecuteRunTask)
-def execute_run(self, run_id: str) -> None:
+@platform_task(name=EXECUTE_RUN_TASK, queue=Tier.STANDARD.queue, Request=ExecuteRunRequest)
+def execute_run(self, *run_ids: str) -> None:
     hard_limit = (self.request.timelimit or (None, None))[0] or 0
-    runtime.run_execute(run_id=run_id, worker=self.request.hostname, lease_seconds=float(hard_limit))
+    execute.runs_execute(run_ids=run_ids, worker=self.request.hostname, lease_seconds=float(hard_limit))
 
 
 @platform_task(name=SWEEP_TASK, queue=Tier.CRITICAL.queue, soft_time_limit=30, time_limit=60, expires=30)

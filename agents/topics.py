@@ -29,7 +29,7 @@ from agentplatform.redis_client import redis_client, redis_key
 from agents.errors import RunRejected
 from agents.models import Run
 from agents.registry import registry
-from agents.runs import RunRequest, run_submit
+from agents.runs.submit import RunRequest, run_submit
 from scheduling.admission import AdmissionRefused
 
 logger = logging.getLogger(__name__)

@@ -49,10 +49,19 @@ def result_cache_get_many(entries: list[tuple[str, str, Any]]) -> list[CachedRes
 
 def result_cache_put(*, agent: str, version: str, input: Any, result: Any, ttl: int) -> None:
     """Store a result for `ttl` seconds (best effort)."""
+    pipe = redis_client().pipeline(transaction=False)
+    result_cache_store(pipe, agent=agent, version=version, input=input, result=result, ttl=ttl)
     try:
-        redis_client().set(result_key(agent, version, input_hash(input)), json.dumps({"result": result}), ex=ttl)
+        pipe.execute()
     except redis.RedisError:
         logger.exception("could not cache the result of %s", agent)
+
+
+def result_cache_store(
+    pipe: redis.client.Pipeline, *, agent: str, version: str, input: Any, result: Any, ttl: int
+) -> None:
+    """Queue on `pipe` the command that stores a result for `ttl` seconds (sent with the caller's other commands)."""
+    pipe.set(result_key(agent, version, input_hash(input)), json.dumps({"result": result}), ex=ttl)
 
 
 def result_cache_clear(agent: str) -> int:

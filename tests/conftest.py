@@ -15,6 +15,7 @@ from rest_framework.test import APIClient
 
 from agentplatform.redis_client import redis_client
 from agents.sync import agent_sync_registry
+from scheduling.backlog import backlog_key
 from scheduling.tiers import Tier
 from tests.factories import StaffFactory, UserFactory
 
@@ -66,6 +67,13 @@ def _agents_synced(request: pytest.FixtureRequest) -> None:
     if {"db", "transactional_db"} & set(request.fixturenames):
         request.getfixturevalue("db")  # defers to transactional_db when the test asks for it
         agent_sync_registry()
+
+
+@pytest.fixture(autouse=True)
+def _backlog_counted_from_empty(request: pytest.FixtureRequest) -> None:
+    """Like the database, the backlog counters in Redis start empty for every database test."""
+    if {"db", "transactional_db"} & set(request.fixturenames):
+        redis_client().delete(backlog_key())
 
 
 @pytest.fixture

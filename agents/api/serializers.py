@@ -4,7 +4,7 @@ from django.conf import settings
 from rest_framework import serializers
 
 from agents.models import Agent, Run, RunStatus
-from agents.runs import RunRequest
+from agents.runs.submit import RunRequest
 from agents.stats import parse_window
 from scheduling.tiers import Tier
 

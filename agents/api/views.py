@@ -21,7 +21,9 @@ from agents.api.serializers import (
 )
 from agents.errors import PayloadTooLarge
 from agents.models import Agent, Run
-from agents.runs import run_cancel, run_list, run_submit, run_submit_many, run_visible_to, run_wait
+from agents.runs.cancellation import run_cancel
+from agents.runs.selectors import run_list, run_visible_to, run_wait
+from agents.runs.submit import run_submit, run_submit_many
 from agents.stats import run_stats
 
 # Room for the fields around a maximal input in a single submission.

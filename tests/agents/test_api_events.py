@@ -15,7 +15,7 @@ from rest_framework.authtoken.models import Token
 from agentplatform import events
 from agentplatform.redis_client import redis_client
 from agents.models import Agent, RunStatus
-from agents.runtime import run_execute
+from agents.runs.execute import runs_execute
 from tests.conftest import ROOT, worker_env
 from tests.factories import RunFactory, StaffFactory, UserFactory
 from tests.sse import EventStreamClient
@@ -81,7 +81,7 @@ def test_a_run_stream_carries_its_events_and_ends_with_the_run(events_server):
     client = stream(events_server, f"run={run.pk}", run.submitted_by)
     client.subscribed()
 
-    run_execute(run_id=str(run.pk), worker="w1", lease_seconds=30)
+    runs_execute(run_ids=[str(run.pk)], worker="w1", lease_seconds=30)
 
     received = client.events_until_end()
     assert [item.event for item in received] == ["started", "succeeded"]

@@ -8,11 +8,13 @@ from django.utils import timezone
 from rest_framework.test import APIClient
 
 from agentplatform.redis_client import redis_client
-from agents.coalescing import inflight_key, runs_lead
 from agents.models import Agent, Run, RunStatus
-from agents.recovery import sweep
-from agents.runs import RunRequest, run_submit
-from agents.runtime import run_attempt_failed, run_claim, run_succeeded
+from agents.runs.coalescing import runs_lead
+from agents.runs.execute import runs_claim
+from agents.runs.finish import Attempt, attempts_record, held_by
+from agents.runs.inflight import inflight_key
+from agents.runs.recovery import backlog_recount, sweep
+from agents.runs.submit import RunRequest, run_submit
 from caching.results import result_cache_put
 from tests.factories import RunFactory
 from tests.polling import eventually
@@ -43,9 +45,9 @@ def agent_input(key: str) -> dict:
 
 def finish_leader(run_id: str, result: dict) -> None:
     """What a worker does with the leader: claim it and record its result."""
-    run = run_claim(run_id=run_id, worker="w1", lease_seconds=30)
-    assert run is not None
-    run_succeeded(run=run, result=result, run_ms=5)
+    (run,) = runs_claim(run_ids=[run_id], worker="w1", lease_seconds=30)
+    now = timezone.now()
+    attempts_record([Attempt(run=run, started_at=now, finished_at=now, run_ms=5, result=result)], held=held_by(run))
 
 
 def wait_terminal(run_ids: list[str], seconds: float = 30) -> list[Run]:
@@ -127,9 +129,11 @@ def test_followers_finish_with_the_leaders_result(api):
 def test_followers_fail_with_the_error_of_a_leader_out_of_attempts(api):
     leader = leader_in_flight("fails")
     follower = submit(api, {"key": "fails"})
-    run = run_claim(run_id=leader.pk, worker="w1", lease_seconds=30)
+    (run,) = runs_claim(run_ids=[leader.pk], worker="w1", lease_seconds=30)
+    now = timezone.now()
 
-    run_attempt_failed(run=run, error={"type": "ValueError", "message": "bad", "traceback": ""}, run_ms=3)
+    error = {"type": "ValueError", "message": "bad", "traceback": ""}
+    attempts_record([Attempt(run=run, started_at=now, finished_at=now, run_ms=3, error=error)], held=held_by(run))
 
     followed = Run.objects.get(pk=follower["id"])
     assert followed.status == RunStatus.FAILED
@@ -237,6 +241,7 @@ def test_a_key_left_by_an_ended_leader_is_taken_over(api, published):
 def test_followers_do_not_count_against_the_backlog(api, settings):
     settings.TIER_BACKLOG_LIMITS = {**settings.TIER_BACKLOG_LIMITS, "standard": 1}
     leader_in_flight("backlog")
+    backlog_recount()  # the leader was stored directly: count it, as the sweeper does
 
     response = api.post(RUNS, {"agent": AGENT, "input": {"key": "backlog"}}, format="json")
     refused = api.post(RUNS, {"agent": AGENT, "input": {"key": "other"}}, format="json")

@@ -5,7 +5,7 @@ from celery.signals import before_task_publish
 from django.db import connection, transaction
 
 from agents.models import Run
-from agents.runs import RunRequest, run_submit, run_submit_many
+from agents.runs.submit import RunRequest, run_submit, run_submit_many
 
 
 @pytest.fixture
@@ -51,7 +51,27 @@ def test_the_message_goes_to_the_queue_of_the_run_tier(transactional_db, user, p
     assert [message["queue"] for message in published] == ["critical", "batch"]
 
 
-def test_a_batch_is_published_after_its_one_commit(transactional_db, user, published):
+def test_a_batch_travels_in_one_message_published_after_its_one_commit(transactional_db, user, published):
     runs = run_submit_many(user=user, requests=[RunRequest(agent="echo", input={"n": n}) for n in range(3)])
 
-    assert [message["args"] for message in published] == [[str(run.pk)] for run, _ in runs]
+    assert [message["args"] for message in published] == [[str(run.pk) for run, _ in runs]]
+
+
+def test_a_large_batch_is_cut_into_messages_of_even_size(transactional_db, user, published, settings):
+    settings.RUN_MESSAGE_MAX_RUNS = 4
+    runs = run_submit_many(user=user, requests=[RunRequest(agent="echo", input={"n": n}) for n in range(10)])
+
+    assert [len(message["args"]) for message in published] == [4, 3, 3]
+    assert [run_id for message in published for run_id in message["args"]] == [str(run.pk) for run, _ in runs]
+
+
+def test_runs_of_each_tier_travel_on_their_own_queue(transactional_db, user, published):
+    requests = [RunRequest(agent="echo", input={"n": n}, tier=tier) for n, tier in enumerate(["critical", "batch"] * 2)]
+
+    runs = run_submit_many(user=user, requests=requests)
+
+    by_queue = {message["queue"]: message["args"] for message in published}
+    assert by_queue == {
+        "critical": [str(runs[0][0].pk), str(runs[2][0].pk)],
+        "batch": [str(runs[1][0].pk), str(runs[3][0].pk)],
+    }

@@ -6,8 +6,8 @@ import uuid
 import pytest
 
 from agentplatform.celery import app
-from agents.dispatch import EXECUTE_RUN_TASK
 from agents.models import Agent, Run, RunStatus
+from agents.runs.dispatch import EXECUTE_RUN_TASK
 from scheduling.tiers import Tier
 from tests.factories import RunFactory
 from tests.polling import eventually

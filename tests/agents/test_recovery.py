@@ -11,7 +11,7 @@ from django.utils import timezone
 
 from agentplatform.redis_client import redis_client, redis_key
 from agents.models import Run, RunStatus
-from agents.recovery import sweep
+from agents.runs.recovery import sweep
 from tests.agents.test_execution import submit, wait, wait_for_status
 from tests.polling import eventually
 

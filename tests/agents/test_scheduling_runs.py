@@ -9,9 +9,9 @@ from django.conf import settings
 from django.utils import timezone
 
 from agentplatform.redis_client import redis_client, redis_key
-from agents.dispatch import run_dispatch
 from agents.models import Agent, Run, RunStatus
-from agents.recovery import sweep
+from agents.runs.dispatch import run_dispatch
+from agents.runs.recovery import sweep
 from tests.agents.test_execution import submit, wait, wait_for_status
 from tests.agents.test_recovery import counter
 

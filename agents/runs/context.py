@@ -6,7 +6,7 @@ from typing import Any
 
 from agentplatform import events
 from agents.models import Run
-from agents.runs import RunRequest, run_submit
+from agents.runs.submit import RunRequest, run_submit
 
 
 @dataclass

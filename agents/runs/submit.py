@@ -1,10 +1,9 @@
-"""Submitting, cancelling, finding and waiting on runs."""
+"""Submitting runs: validation, the result cache, coalescing, admission, one insert and one dispatch."""
 
 import json
 import logging
-import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -16,20 +15,18 @@ from django.utils import timezone
 from pydantic import ValidationError
 
 from agentplatform import events
-from agentplatform.redis_client import redis_client
-from agents.coalescing import leader_finished, leaders_settle, runs_follow_inflight, runs_lead
-from agents.dispatch import run_dispatch
-from agents.errors import PayloadTooLarge, RunNotCancellable, RunRejected
+from agents.errors import PayloadTooLarge, RunRejected
 from agents.models import Agent, Run, RunStatus
 from agents.registry import registry
-from caching.results import result_cache_get_many
-from scheduling.admission import HIGHER_TIERS, Backlog, admission_check
+from agents.runs.coalescing import followed_settle, runs_follow_inflight, runs_lead
+from agents.runs.dispatch import run_dispatch
+from agents.runs.finish import runs_answer_from_cache
+from scheduling.admission import HIGHER_TIERS, AdmissionRefused, Backlog, admission_check
+from scheduling.backlog import agent_field, backlog_release, backlog_reserve, tier_field
 from scheduling.sla import escalation_due, run_deadline
 from scheduling.tiers import Tier
 
 logger = logging.getLogger(__name__)
-
-WAIT_RECHECK_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -45,23 +42,6 @@ class RunRequest:
     expires_at: datetime | None = None
     # "use": answer from the result cache when it holds this input; "bypass": always run.
     cache: str = "use"
-
-
-def run_visible_to(user) -> QuerySet[Run]:
-    """The runs a user may see: their own, or all for staff."""
-    runs = Run.objects.select_related("agent")
-    return runs if user.is_staff else runs.filter(submitted_by=user)
-
-
-def run_list(*, user, agent: str | None = None, status: str | None = None, tier: str | None = None) -> QuerySet[Run]:
-    runs = run_visible_to(user)
-    if agent:
-        runs = runs.filter(agent__name=agent)
-    if status:
-        runs = runs.filter(status=status)
-    if tier:
-        runs = runs.filter(tier=tier)
-    return runs.order_by("-submitted_at")
 
 
 def input_errors(exc: ValidationError) -> dict[str, list[str]]:
@@ -154,7 +134,7 @@ def run_submit_many(*, user, requests: Sequence[RunRequest], parent: Run | None 
     # Runs that may share work: answered from the result cache, or following an identical run in flight.
     pairs = zip(built, requests, strict=True)
     shareable = [run for run, request in pairs if request.cache != "bypass" and run.agent.cache_ttl > 0]
-    _answer_from_cache(shareable)
+    runs_answer_from_cache(shareable)
     shareable_ids = {run.pk for run in shareable}
     try:
         return _insert_runs(user=user, runs=built, shareable=shareable_ids)
@@ -186,24 +166,63 @@ def _insert_runs(*, user, runs: list[Run], shareable: set) -> list[tuple[Run, bo
         queued = [run for run in new_runs if run.status == RunStatus.QUEUED]
         runs_follow_inflight([run for run in queued if run.pk in shareable])
         # A follower takes no worker, so only the runs that will execute count against the backlog.
-        _admit([run for run in queued if run.follows_id is None])
-        Run.objects.bulk_create(new_runs)
+        executing = [run for run in queued if run.follows_id is None]
+        reserved = _admit(executing)
+        try:
+            Run.objects.bulk_create(new_runs)
+        except BaseException:
+            backlog_release(reserved)
+            raise
         if new_runs:
-            transaction.on_commit(lambda: _after_submit(new_runs, shareable=shareable))
+            transaction.on_commit(lambda: _after_submit(new_runs, executing, shareable=shareable))
     return outcome
 
 
-def _admit(runs: list[Run]) -> None:
-    """Refuse the whole submission (AdmissionRefused) if it would put a tier or an agent over its backlog limit."""
+def _admit(runs: list[Run]) -> Counter[str]:
+    """Reserve the runs' places in their tier's and agent's backlog, or refuse them all (AdmissionRefused).
+
+    Returns the reservation, to be released if the runs are not stored after all.
+    """
+    reserved: Counter[str] = Counter()
+    for run in runs:
+        reserved[tier_field(run.tier)] += 1
+        reserved[agent_field(run.agent.name)] += 1
+    higher = {tier_field(other) for run in runs for other in HIGHER_TIERS[Tier(run.tier)]}
+    counts = backlog_reserve(reserved, also=higher) if runs else None
+    if counts is None:
+        return Counter()
+    try:
+        _admission_check(runs, counts, drain=lambda queryset: 0.0)
+    except AdmissionRefused:
+        backlog_release(reserved)
+        # Only a refusal needs to know how fast the backlog drains (for Retry-After): count it now.
+        _admission_check(runs, counts, drain=_drain_per_second)
+        raise
+    return reserved
+
+
+def _admission_check(runs: list[Run], counts: dict[str, int], *, drain: Callable[[QuerySet[Run]], float]) -> None:
     yield_fraction = settings.ADMISSION_BATCH_YIELD_FRACTION
     for tier in {Tier(run.tier) for run in runs}:
         in_tier = [run for run in runs if run.tier == tier]
-        backlogs = {other: tier_backlog(other) for other in (tier, *HIGHER_TIERS[tier])}
+        backlogs = {
+            other: Backlog(
+                queued=counts[tier_field(other)],
+                limit=settings.TIER_BACKLOG_LIMITS[other.value],
+                drain_per_second=drain(Run.objects.filter(tier=other)),
+            )
+            for other in (tier, *HIGHER_TIERS[tier])
+        }
         # An agent with its own backlog limit is held to that limit instead of the tier's.
         by_agent = Counter(run.agent for run in in_tier if run.agent.backlog_limit is not None)
         for agent, incoming in by_agent.items():
+            own = Backlog(
+                queued=counts[agent_field(agent.name)],
+                limit=agent.backlog_limit,
+                drain_per_second=drain(Run.objects.filter(agent=agent)),
+            )
             admission_check(
-                tier=tier, incoming=incoming, backlogs={**backlogs, tier: agent_backlog(agent)},
+                tier=tier, incoming=incoming, backlogs={**backlogs, tier: own},
                 yield_fraction=yield_fraction, label=f"agent {agent.name!r}",
             )  # fmt: skip
         if incoming := len(in_tier) - by_agent.total():
@@ -216,93 +235,20 @@ def _drain_per_second(runs: QuerySet[Run]) -> float:
     return finished / window
 
 
-def tier_backlog(tier: Tier) -> Backlog:
-    """Queued runs of a tier against its limit, and how fast the tier drains."""
-    queued = Run.objects.filter(status=RunStatus.QUEUED, tier=tier, follows__isnull=True).count()
-    limit = settings.TIER_BACKLOG_LIMITS[tier.value]
-    # Draining only matters (and is only counted) when the answer may be a refusal.
-    drain = _drain_per_second(Run.objects.filter(tier=tier)) if queued >= limit * 0.5 else 0.0
-    return Backlog(queued=queued, limit=limit, drain_per_second=drain)
-
-
-def agent_backlog(agent: Agent) -> Backlog:
-    queued = Run.objects.filter(status=RunStatus.QUEUED, agent=agent, follows__isnull=True).count()
-    drain = _drain_per_second(Run.objects.filter(agent=agent)) if queued >= agent.backlog_limit * 0.5 else 0.0
-    return Backlog(queued=queued, limit=agent.backlog_limit, drain_per_second=drain)
-
-
-def _answer_from_cache(runs: list[Run]) -> None:
-    """Finish at once, as succeeded and cached, the runs (of cacheable agents) whose result is cached."""
-    hits = result_cache_get_many([(run.agent.name, run.agent_version, run.input) for run in runs])
-    for run, hit in zip(runs, hits, strict=True):
-        if hit is None:
-            continue
-        run.status, run.result, run.cached = RunStatus.SUCCEEDED, hit.result, True
-        run.started_at = run.finished_at = run.submitted_at
-        run.queue_wait_ms = run.run_ms = 0
-        run.sla_met, run.escalate_at = True, None
-
-
-def _after_submit(runs: list[Run], *, shareable: set) -> None:
-    _publish_submitted(runs)
-    independent = [run for run in runs if run.status == RunStatus.QUEUED and run.follows_id is None]
-    # Followers from before the insert: their leader may have ended before they were committed.
-    followers = [run for run in runs if run.follows_id is not None]
-    try:
-        leading = runs_lead([run for run in independent if run.pk in shareable])
-        run_dispatch([run for run in independent if run.pk not in shareable] + leading)
-        leaders_settle(followers)
-    except Exception:
-        # The runs are stored and stay queued: the caller must not see a failure and submit them again.
-        logger.exception("could not dispatch %d queued runs; they stay queued until re-dispatched", len(independent))
-
-
-def _publish_submitted(runs: list[Run]) -> None:
+def _after_submit(runs: list[Run], executing: list[Run], *, shareable: set) -> None:
+    """After commit: the runs' events in one round trip, then their messages."""
     events.publish_run_events(
         events.event_of_run(run, "queued" if run.status == RunStatus.QUEUED else "succeeded") for run in runs
     )
-
-
-def run_cancel(*, run: Run) -> Run:
-    """Cancel a queued or running run: a queued run never starts, a running one is interrupted."""
-    now = timezone.now()
-    cancelled = Run.objects.filter(pk=run.pk, status__in=[RunStatus.QUEUED, RunStatus.RUNNING]).update(
-        status=RunStatus.CANCELLED, finished_at=now, lease_expires_at=None
-    )
-    run.refresh_from_db()
-    if not cancelled:
-        raise RunNotCancellable(run.status)
-    events.publish_cancel(run.pk)
-    events.publish_run_events([events.event_of_run(run, "cancelled")])
-    leader_finished(run)
-    return run
-
-
-def run_wait(*, run: Run, timeout: float) -> Run:
-    """Return the run once it is terminal or `timeout` seconds have passed, woken by its events."""
-    run.refresh_from_db()
-    if run.is_terminal or timeout <= 0:
-        return run
-    deadline = time.monotonic() + timeout
-    next_read = time.monotonic() + WAIT_RECHECK_SECONDS
-    pubsub = redis_client().pubsub(ignore_subscribe_messages=True)
+    # Followers from before the insert: their leader may have ended before they were committed.
+    followers = [run for run in runs if run.follows_id is not None]
     try:
-        pubsub.subscribe(events.run_channel(run.pk))
-        # The run may have finished between the first read and the subscription.
-        run.refresh_from_db()
-        while not run.is_terminal:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            message = pubsub.get_message(timeout=min(remaining, 1.0))
-            woken = message is not None and json.loads(message["data"]).get("status") in RunStatus.terminal()
-            # The database is the truth: read it when woken, and now and then in case an event was lost.
-            if woken or time.monotonic() >= next_read:
-                run.refresh_from_db()
-                next_read = time.monotonic() + WAIT_RECHECK_SECONDS
-    finally:
-        pubsub.close()
-    return run
+        leading = runs_lead([run for run in executing if run.pk in shareable])
+        run_dispatch([run for run in executing if run.pk not in shareable] + leading)
+        followed_settle(followers)
+    except Exception:
+        # The runs are stored and stay queued: the caller must not see a failure and submit them again.
+        logger.exception("could not dispatch %d queued runs; they stay queued until re-dispatched", len(executing))
 
 
 def run_rerun(*, run: Run, user) -> Run:

@@ -1,6 +1,7 @@
-"""Interrupting the agent a worker process is running when its run is cancelled.
+"""Cancelling a run: a queued run never starts, and the agent of a running one is interrupted.
 
-Each worker process keeps one pub-sub subscription to the cancel channel. When the run it is
+Cancelling writes the run's final state (see finish) and names the run on a cancel channel.
+Each worker process keeps one pub-sub subscription to that channel. When the run it is
 executing is named there, the listener signals the main thread, whose handler raises
 RunCancelled inside the agent. A signal (rather than an asynchronous exception) also breaks a
 blocking call such as time.sleep.
@@ -16,7 +17,9 @@ from contextlib import contextmanager
 
 from agentplatform import events
 from agentplatform.redis_client import redis_client
-from agents.errors import RunCancelled
+from agents.errors import RunCancelled, RunNotCancellable
+from agents.models import Run
+from agents.runs.finish import run_cancelled
 
 logger = logging.getLogger(__name__)
 
@@ -86,3 +89,10 @@ class CancelWatch:
 
 
 cancel_watch = CancelWatch()
+
+
+def run_cancel(*, run: Run) -> Run:
+    """Cancel a queued or running run; RunNotCancellable if it already finished."""
+    if not run_cancelled(run):
+        raise RunNotCancellable(run.status)
+    return run

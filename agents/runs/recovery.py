@@ -10,13 +10,14 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from django.conf import settings
+from django.db.models import Count
 from django.utils import timezone
 
 from agentplatform.celery import app
-from agents.coalescing import sweep_followers
-from agents.dispatch import messages_due, run_dispatch
 from agents.models import Agent, Run, RunStatus
-from agents.runtime import lost_worker_error, run_attempt_failed, run_expire
+from agents.runs.dispatch import messages_due, run_dispatch
+from agents.runs.finish import attempt_lost, followers_orphaned, lost_worker_error, runs_expire
+from scheduling.backlog import agent_field, backlog_reset, tier_field
 from scheduling.concurrency import slots_wake
 from scheduling.tiers import Tier
 
@@ -44,8 +45,9 @@ def sweep() -> SweepReport:
         redispatched=sweep_lost_messages(),
         escalated=sweep_escalations(),
         woken=sweep_waiting_for_slots(),
-        settled_followers=sweep_followers(settings.SWEEP_BATCH),
+        settled_followers=followers_orphaned(settings.SWEEP_BATCH),
     )
+    backlog_recount()
     if report != SweepReport():
         logger.info("sweep: %s", report)
     return report
@@ -54,7 +56,7 @@ def sweep() -> SweepReport:
 def sweep_expired() -> int:
     """Queued runs past their expiry end `expired` without running."""
     runs = Run.objects.select_related("agent").filter(status=RunStatus.QUEUED, expires_at__lt=timezone.now())
-    return sum(run_expire(run=run) for run in runs[: settings.SWEEP_BATCH])
+    return len(runs_expire(runs[: settings.SWEEP_BATCH]))
 
 
 def sweep_lost_leases() -> tuple[int, int]:
@@ -63,7 +65,7 @@ def sweep_lost_leases() -> tuple[int, int]:
     runs = Run.objects.select_related("agent").filter(status=RunStatus.RUNNING, lease_expires_at__lt=timezone.now())
     for run in runs[: settings.SWEEP_BATCH]:
         retryable = run.attempts <= run.max_retries
-        if run_attempt_failed(run=run, error=lost_worker_error(run), run_ms=None, backoff=False):
+        if attempt_lost(run, error=lost_worker_error(run), backoff=False):
             requeued += retryable
             failed += not retryable
     return requeued, failed
@@ -119,3 +121,12 @@ def queues_declare() -> None:
         channel = connection.default_channel
         for queue in app.conf.task_queues:
             queue(channel).declare()
+
+
+def backlog_recount() -> None:
+    """Set the backlog counters that admission reads to the database's count of queued runs."""
+    queued = Run.objects.filter(status=RunStatus.QUEUED, follows__isnull=True)
+    counts = {tier_field(tier): total for tier, total in queued.values_list("tier").annotate(total=Count("pk"))}
+    for name, total in queued.values_list("agent__name").annotate(total=Count("pk")):
+        counts[agent_field(name)] = total
+    backlog_reset(counts)

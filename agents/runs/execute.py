@@ -1,0 +1,331 @@
+"""Executing the runs of one message on a worker: claim them together, call their agents one after
+another, record their outcomes together.
+
+The claim is one `UPDATE … RETURNING` over the message's ids: it takes the runs that are queued
+(not following another, not past their expiry) or running on a lease that expired, and a lost
+claim means a duplicate delivery, a cancelled, expired or finished run: that run is skipped.
+Outcomes are written in one bulk UPDATE when the message is done (see finish). A message that has
+run for longer than its slice hands the runs it has not started back to the queue, split in two
+messages, so that slow runs spread over the pool while fast ones keep travelling together.
+"""
+
+import json
+import logging
+import mmap
+import os
+import signal
+import struct
+import threading
+import time
+import traceback
+import uuid
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Any
+
+from celery.exceptions import SoftTimeLimitExceeded
+from django.conf import settings
+from django.db import connection
+from django.db.models import F, Q
+from django.utils import timezone
+from pydantic import BaseModel
+
+from agentplatform import events
+from agentplatform.redis_client import redis_client
+from agents.errors import AgentNotRegistered, RunCancelled
+from agents.models import Agent, Run, RunStatus
+from agents.registry import registry
+from agents.runs.cancellation import cancel_watch
+from agents.runs.context import RunContext
+from agents.runs.dispatch import message_parked, messages_received, run_dispatch
+from agents.runs.finish import Attempt, attempt_lost, attempts_record, lost_worker_error, runs_expire, slots_free
+from scheduling.backlog import agent_field, backlog_add, tier_field
+from scheduling.concurrency import slot_acquire, slot_wait
+
+logger = logging.getLogger(__name__)
+
+
+class ExecutingBoard:
+    """Which run each process of this worker's pool is executing, readable by the worker's main process.
+
+    Anonymous shared memory mapped before the pool forks: a process writes its pid and the run id
+    into its slot before it calls an agent. When the pool kills a process at its hard time limit,
+    or finds it dead, the main process reads which run it was executing; the message's other runs
+    did not cause it and go back to the queue.
+    """
+
+    SLOTS = 1024
+    SLOT = struct.Struct("<I16s")
+
+    def __init__(self) -> None:
+        self._memory = mmap.mmap(-1, self.SLOTS * self.SLOT.size)
+
+    def _offset(self, pid: int) -> int:
+        return (pid % self.SLOTS) * self.SLOT.size
+
+    def set(self, run_id: uuid.UUID | None) -> None:
+        pid = os.getpid()
+        self.SLOT.pack_into(self._memory, self._offset(pid), pid, run_id.bytes if run_id else bytes(16))
+
+    def executing(self, pid: int | None) -> uuid.UUID | None:
+        """The run the process `pid` was executing, if it was executing one."""
+        if not pid:
+            return None
+        slot_pid, raw = self.SLOT.unpack_from(self._memory, self._offset(pid))
+        return uuid.UUID(bytes=raw) if slot_pid == pid and any(raw) else None
+
+
+board = ExecutingBoard()
+
+
+def _raise_soft_limit(signum, frame) -> None:
+    raise SoftTimeLimitExceeded()
+
+
+@contextmanager
+def soft_time_limit(seconds: float) -> Iterator[None]:
+    """Within this block, SoftTimeLimitExceeded is raised in the agent after `seconds` (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGALRM, _raise_soft_limit)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _claim_sql(count: int) -> str:
+    quote = connection.ops.quote_name
+    runs, agents = quote(Run._meta.db_table), quote(Agent._meta.db_table)
+    # The payloads of earlier attempts (result, error) are not needed to run the next one.
+    columns = ", ".join(
+        quote(field.column) for field in Run._meta.concrete_fields if field.name not in ("result", "error")
+    )
+    agent = f"(SELECT {{}} FROM {agents} WHERE {agents}.id = {runs}.agent_id)"
+    return f"""
+        UPDATE {runs} SET status = %s, worker = %s, started_at = %s, lease_expires_at = %s, attempts = attempts + 1
+        WHERE id IN ({", ".join(["%s"] * count)}) AND follows_id IS NULL AND (
+            (status = %s AND (expires_at IS NULL OR expires_at >= %s))
+            OR (status = %s AND lease_expires_at < %s AND attempts <= max_retries))
+        RETURNING {columns}, {agent.format("name")} AS agent_name, {agent.format("cache_ttl")} AS agent_cache_ttl,
+            {agent.format("concurrency_limit")} AS agent_concurrency_limit
+    """
+
+
+def runs_claim(*, run_ids: Sequence[str], worker: str, lease_seconds: float) -> list[Run]:
+    """Take the claimable runs among `run_ids` in one statement, in the message's order."""
+    now = timezone.now()
+    lease = now + timedelta(seconds=lease_seconds + settings.RUN_LEASE_GRACE_SECONDS)
+    ids = [Run._meta.pk.get_db_prep_value(run_id, connection) for run_id in run_ids]
+    at = connection.ops.adapt_datetimefield_value
+    params = [
+        RunStatus.RUNNING,
+        worker,
+        at(now),
+        at(lease),
+        *ids,
+        RunStatus.QUEUED,
+        at(now),
+        RunStatus.RUNNING,
+        at(now),
+    ]
+    claimed = {run.pk: run for run in Run.objects.raw(_claim_sql(len(ids)), params)}
+    for run in claimed.values():
+        run.agent = Agent(
+            id=run.agent_id, name=run.agent_name, cache_ttl=run.agent_cache_ttl,
+            concurrency_limit=run.agent_concurrency_limit,
+        )  # fmt: skip
+    return [claimed[run_id] for run_id in run_ids if run_id in claimed]
+
+
+def _received(run_ids: Sequence[str], claimed: Sequence[Run]) -> None:
+    """One round trip: the messages' markers go, the claimed runs leave the backlog and announce their start."""
+    pipe = redis_client().pipeline(transaction=False)
+    messages_received(pipe, run_ids)
+    backlog_add(pipe, _backlog_change(claimed, -1))
+    events.publish_run_events((events.event_of_run(run, "started") for run in claimed), pipe=pipe)
+
+
+def _backlog_change(runs: Sequence[Run], each: int) -> Counter[str]:
+    change: Counter[str] = Counter()
+    for run in runs:
+        change[tier_field(run.tier)] += each
+        change[agent_field(run.agent.name)] += each
+    return change
+
+
+def runs_execute(*, run_ids: Sequence[str], worker: str, lease_seconds: float) -> None:
+    """Run one attempt of each run of a message that this delivery wins the claim of."""
+    began = time.monotonic()
+    run_ids = _valid_ids(run_ids)
+    claimed = runs_claim(run_ids=run_ids, worker=worker, lease_seconds=lease_seconds)
+    if len(claimed) < len(run_ids):
+        _not_claimed([run_id for run_id in run_ids if run_id not in {run.pk for run in claimed}], worker=worker)
+    claimed = _with_slots(claimed)
+    _received([str(run_id) for run_id in run_ids], claimed)
+    if not claimed:
+        return
+    held = Q(status=RunStatus.RUNNING, worker=worker, lease_expires_at=claimed[0].lease_expires_at)
+    attempts: list[Attempt] = []
+    try:
+        for index, run in enumerate(claimed):
+            if index and time.monotonic() - began > settings.RUN_MESSAGE_SLICE_SECONDS:
+                runs_hand_back(claimed[index:], held=held)
+                break
+            attempt = _attempt(run, worker)
+            if attempt is not None:
+                attempts.append(attempt)
+    finally:
+        attempts_record(attempts, held=held)
+
+
+def _valid_ids(run_ids: Sequence[str]) -> list[uuid.UUID]:
+    valid = []
+    for run_id in run_ids:
+        try:
+            valid.append(uuid.UUID(str(run_id)))
+        except ValueError:
+            logger.warning("dropping a message for %r, which is not a run id", run_id)
+    return valid
+
+
+def _not_claimed(run_ids: list[uuid.UUID], *, worker: str) -> None:
+    """Of the runs a delivery could not claim, end those past their expiry or out of attempts."""
+    now = timezone.now()
+    overdue = Q(status=RunStatus.QUEUED, expires_at__lt=now) | Q(status=RunStatus.RUNNING, lease_expires_at__lt=now)
+    stuck = list(Run.objects.select_related("agent").filter(overdue, pk__in=run_ids, follows__isnull=True))
+    runs_expire(run for run in stuck if run.status == RunStatus.QUEUED)
+    for run in stuck:
+        if run.status == RunStatus.RUNNING:
+            attempt_lost(run, error=lost_worker_error(run))
+    logger.info("%d runs of a message not claimed by %s: taken, cancelled or finished", len(run_ids), worker)
+
+
+def _with_slots(claimed: list[Run]) -> list[Run]:
+    """The claimed runs that may start: a run of an agent at its concurrency limit waits for a slot, queued."""
+    waiting = []
+    for run in claimed:
+        limit = run.agent.concurrency_limit
+        lease = (run.lease_expires_at - timezone.now()).total_seconds()
+        if limit and not slot_acquire(agent=run.agent.name, run_id=str(run.pk), limit=limit, lease_seconds=lease):
+            slot_wait(agent=run.agent.name, run_id=str(run.pk))
+            waiting.append(run)
+    if not waiting:
+        return claimed
+    held = Q(status=RunStatus.RUNNING, worker=claimed[0].worker, lease_expires_at=claimed[0].lease_expires_at)
+    _release(waiting, held=held)
+    for run in waiting:
+        message_parked(str(run.pk))
+        logger.info("run %s waits for a slot of %s (limit %s)", run.pk, run.agent.name, run.agent.concurrency_limit)
+    return [run for run in claimed if run not in waiting]
+
+
+def _release(runs: Sequence[Run], *, held: Q) -> int:
+    """Undo the claim of runs that did not start: queued again, the attempt not counted."""
+    return Run.objects.filter(held, pk__in=[run.pk for run in runs]).update(
+        status=RunStatus.QUEUED, worker="", started_at=None, lease_expires_at=None, attempts=F("attempts") - 1
+    )
+
+
+def runs_hand_back(runs: Sequence[Run], *, held: Q) -> None:
+    """Give runs claimed but not started back to the queue, in two messages that other processes can take."""
+    if not _release(runs, held=held):
+        return
+    for run in runs:
+        run.status, run.attempts = RunStatus.QUEUED, run.attempts - 1
+    pipe = redis_client().pipeline(transaction=False)
+    backlog_add(pipe, _backlog_change(runs, +1))
+    events.publish_run_events((events.event_of_run(run, "queued") for run in runs), pipe=pipe)
+    run_dispatch(runs, per_message=max(1, (len(runs) + 1) // 2))
+
+
+def _attempt(run: Run, worker: str) -> Attempt | None:
+    """Call the run's agent; None when the run was cancelled meanwhile (the cancellation recorded it)."""
+    spec = registry.get(run.agent.name)
+    started_at, started = timezone.now(), time.monotonic()
+    board.set(run.pk)
+    try:
+        if spec is None:
+            raise AgentNotRegistered(f"agent {run.agent.name!r} is not declared in code on {worker}")
+        with cancel_watch.watching(str(run.pk)), soft_time_limit(run.soft_time_limit):
+            output = spec.func(RunContext(run), spec.parse_input(run.input))
+            result = _jsonable(output)
+    except RunCancelled:
+        logger.info("run %s cancelled while running", run.pk)
+        slots_free(run)
+        return None
+    except Exception as exc:
+        return Attempt(
+            run=run, started_at=started_at, finished_at=timezone.now(), run_ms=_ms_since(started),
+            error=error_record(exc), retryable=not isinstance(exc, AgentNotRegistered),
+        )  # fmt: skip
+    finally:
+        board.set(None)
+    return Attempt(run=run, started_at=started_at, finished_at=timezone.now(), run_ms=_ms_since(started), result=result)
+
+
+def _ms_since(started: float) -> int:
+    return int((time.monotonic() - started) * 1000)
+
+
+def _jsonable(output: Any) -> Any:
+    if isinstance(output, BaseModel):
+        return output.model_dump(mode="json")
+    # Fails here, as the agent's error, rather than later when the row is written.
+    return json.loads(json.dumps(output))
+
+
+def error_record(exc: BaseException) -> dict[str, str]:
+    return {
+        "type": type(exc).__name__,
+        "message": str(exc),
+        "traceback": "".join(traceback.format_exception(exc)),
+    }
+
+
+def message_killed(*, run_ids: Sequence[str], worker: str, pid: int | None, limit: float) -> None:
+    """The pool killed a process at its message's hard time limit: fail the attempt it was executing, hand
+    back the rest of the message (the message is acknowledged, so they need a new one)."""
+    culprit, others = _message_held(run_ids, worker=worker, pid=pid)
+    if culprit is not None:
+        error = {
+            "type": "TimeLimitExceeded",
+            "message": f"the agent ran past its hard time limit of {culprit.time_limit:g}s and was killed",
+            "traceback": "",
+        }
+        run_ms = int((timezone.now() - culprit.started_at).total_seconds() * 1000) if culprit.started_at else None
+        attempt_lost(culprit, error=error, run_ms=run_ms)
+        slots_free(culprit)
+    if others:
+        runs_hand_back(others, held=Q(status=RunStatus.RUNNING, worker=worker))
+    logger.warning("message of %d runs killed at its hard limit of %gs on %s", len(run_ids), limit, worker)
+
+
+def message_lost(*, run_ids: Sequence[str], worker: str, pid: int | None) -> None:
+    """A pool process died mid-message: its runs go back so that the redelivered message claims them at once."""
+    culprit, others = _message_held(run_ids, worker=worker, pid=pid)
+    if culprit is not None:
+        # The lease ends now: the redelivered message reclaims the run as its next attempt.
+        Run.objects.filter(pk=culprit.pk, status=RunStatus.RUNNING, worker=worker).update(
+            lease_expires_at=timezone.now()
+        )
+    if others:
+        _release(others, held=Q(status=RunStatus.RUNNING, worker=worker))
+
+
+def _message_held(run_ids: Sequence[str], *, worker: str, pid: int | None) -> tuple[Run | None, list[Run]]:
+    """The message's runs this worker still holds: the one the process was executing, and the others."""
+    executing = board.executing(pid)
+    held = list(
+        Run.objects.select_related("agent").filter(pk__in=_valid_ids(run_ids), status=RunStatus.RUNNING, worker=worker)
+    )
+    culprit = next((run for run in held if run.pk == executing), None)
+    if culprit is None and len(held) == 1 and executing is None:
+        # A message of one run: that run was executing, whatever the board could tell.
+        culprit = held[0]
+    return culprit, [run for run in held if run is not culprit]

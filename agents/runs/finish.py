@@ -1,0 +1,382 @@
+"""Every way a run ends, in one place: succeeded, failed (or queued again to retry), cancelled,
+expired, answered from the result cache, finished as a follower.
+
+Each transition writes the final status with the same timings and SLA outcome, stores a result
+in the cache, publishes the events, gives up in-flight leadership (settling the followers) and
+concurrency slots, and does so in bulk for runs that end together: one UPDATE and one Redis
+pipeline for all the runs of a worker's message.
+
+A run that executed has `started_at` (its latest attempt's start), `run_ms` and, from its first
+start, `queue_wait_ms`. A run that shared another's outcome (from the cache, or as a follower)
+never started: those stay empty, so run-time figures count executions only.
+
+This module stands below the other steps of a run: it never imports `submit` or `coalescing`.
+"""
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import redis
+from django.db import connection, transaction
+from django.db.models import Case, Q, QuerySet, Value, When
+from django.db.models.functions import Cast
+from django.utils import timezone
+
+from agentplatform import events
+from agentplatform.redis_client import redis_client
+from agents.models import IN_FLIGHT, Run, RunStatus
+from agents.runs.dispatch import run_dispatch
+from agents.runs.inflight import leader_take_over, leaders_release
+from caching.results import result_cache_get_many, result_cache_store
+from scheduling.concurrency import slot_release
+from scheduling.retries import retry_delay
+from scheduling.sla import sla_outcome
+from scheduling.tiers import Tier
+
+logger = logging.getLogger(__name__)
+
+URGENCY = Case(When(tier=Tier.CRITICAL, then=Value(0)), When(tier=Tier.STANDARD, then=Value(1)), default=Value(2))
+TAKEN_OVER_AFTER = frozenset({RunStatus.CANCELLED, RunStatus.EXPIRED})
+
+
+@dataclass
+class Attempt:
+    """How one executed attempt of a claimed run ended: a result, or an error."""
+
+    run: Run
+    started_at: datetime
+    finished_at: datetime
+    run_ms: int | None
+    result: Any = None
+    error: dict[str, str] | None = None
+    retryable: bool = True
+
+    @property
+    def retries_left(self) -> bool:
+        return self.retryable and self.run.attempts <= self.run.max_retries
+
+
+def held_by(run: Run) -> Q:
+    """The row as long as the attempt `run` describes still holds it: not cancelled, not reclaimed."""
+    return Q(status=RunStatus.RUNNING, worker=run.worker, attempts=run.attempts)
+
+
+def _queue_wait_ms(run: Run, started_at: datetime) -> int:
+    if run.queue_wait_ms is not None:
+        return run.queue_wait_ms
+    return max(int((started_at - run.submitted_at).total_seconds() * 1000), 0)
+
+
+def _set(runs: QuerySet[Run], per_run: dict[Any, dict[str, Any]], **same: Any) -> int:
+    """One UPDATE: `same` for every row, and per row the values of `per_run[pk]` (fields alike across rows)."""
+    if not per_run:
+        return 0
+    cast = connection.features.requires_casted_case_in_updates
+    varying = {}
+    for name in next(iter(per_run.values())):
+        field = Run._meta.get_field(name)
+        case = Case(
+            *(When(pk=pk, then=Value(values[name], output_field=field)) for pk, values in per_run.items()),
+            output_field=field,
+        )
+        varying[name] = Cast(case, output_field=field) if cast else case
+    return runs.filter(pk__in=list(per_run)).update(**same, **varying)
+
+
+def attempts_record(attempts: Sequence[Attempt], *, held: Q) -> list[Run]:
+    """Record how attempts ended, for the runs the claim `held` still holds; returns the runs written.
+
+    A success is final; a failure queues the run again after a backoff while it has retries left,
+    and is final after that.
+    """
+    if not attempts:
+        return []
+    written: list[Run] = []
+    succeeded = [attempt for attempt in attempts if attempt.error is None]
+    retried = [attempt for attempt in attempts if attempt.error is not None and attempt.retries_left]
+    failed = [attempt for attempt in attempts if attempt.error is not None and not attempt.retries_left]
+    held_runs = Run.objects.filter(held)
+    for group, status in ((succeeded, RunStatus.SUCCEEDED), (failed, RunStatus.FAILED)):
+        if not group:
+            continue
+        values = {attempt.run.pk: _final_values(attempt, succeeded=status == RunStatus.SUCCEEDED) for attempt in group}
+        count = _set(held_runs, values, status=status, lease_expires_at=None)
+        written += _mark(group, status, values, count)
+    if retried:
+        values = {
+            attempt.run.pk: {
+                "error": attempt.error, "run_ms": attempt.run_ms, "started_at": attempt.started_at,
+                "queue_wait_ms": _queue_wait_ms(attempt.run, attempt.started_at),
+            }
+            for attempt in retried
+        }  # fmt: skip
+        count = _set(held_runs, values, status=RunStatus.QUEUED, lease_expires_at=None, worker="")
+        for run in _mark(retried, RunStatus.QUEUED, values, count):
+            delay = retry_delay(run.attempts)
+            logger.info(
+                "run %s attempt %s failed (%s); retrying in %.2fs", run.pk, run.attempts, run.error["type"], delay
+            )
+            run_dispatch([run], countdown=delay)
+            written.append(run)
+    _announce(written)
+    return written
+
+
+def _final_values(attempt: Attempt, *, succeeded: bool) -> dict[str, Any]:
+    run = attempt.run
+    met, overran = sla_outcome(deadline=run.deadline, started_at=attempt.started_at, finished_at=attempt.finished_at)
+    return {
+        "result": attempt.result if succeeded else None,
+        "error": None if succeeded else attempt.error,
+        "run_ms": attempt.run_ms,
+        "started_at": attempt.started_at,
+        "finished_at": attempt.finished_at,
+        "queue_wait_ms": _queue_wait_ms(run, attempt.started_at),
+        "sla_met": met and succeeded,
+        "sla_miss": overran,
+    }
+
+
+def _mark(group: list[Attempt], status: RunStatus, values: dict, count: int) -> list[Run]:
+    """Set the written values on the in-memory runs, leaving out any taken from the claim meanwhile."""
+    runs = [attempt.run for attempt in group]
+    if count < len(runs):
+        # Cancelled or reclaimed meanwhile (rare): the rows that now carry this attempt's start were written.
+        rows = Run.objects.filter(pk__in=[run.pk for run in runs], status=status).values_list("pk", "started_at")
+        landed = {pk for pk, started_at in rows if started_at == values[pk]["started_at"]}
+        runs = [run for run in runs if run.pk in landed]
+    for run in runs:
+        run.status, run.lease_expires_at = status, None
+        for name, value in values[run.pk].items():
+            setattr(run, name, value)
+    return runs
+
+
+def _announce(runs: Sequence[Run]) -> None:
+    """After a status change is written: store results, publish events, end leadership and free slots."""
+    if not runs:
+        return
+    ended = [run for run in runs if run.is_terminal]
+    pipe = redis_client().pipeline(transaction=False)
+    for run in ended:
+        if run.status == RunStatus.SUCCEEDED and run.agent.cache_ttl > 0 and not run.cached:
+            result_cache_store(pipe, agent=run.agent.name, version=run.agent_version, input=run.input,
+                               result=run.result, ttl=run.agent.cache_ttl)  # fmt: skip
+    events.publish_run_events((events.event_of_run(run, _event_name(run)) for run in runs), pipe=pipe)
+    leaders = [run for run in ended if run.follows_id is None and run.agent.cache_ttl > 0]
+    if leaders:
+        leaders_release(leaders)
+        leaders_ended(leaders)
+    for run in runs:
+        if run.status != RunStatus.RUNNING:
+            slots_free(run)
+
+
+def _event_name(run: Run) -> str:
+    return "retrying" if run.status == RunStatus.QUEUED else run.status
+
+
+def slots_free(run: Run) -> None:
+    """Give back the run's concurrency slot and dispatch the runs that were waiting for one."""
+    limit = run.agent.concurrency_limit
+    if not limit:
+        return
+    woken = slot_release(agent=run.agent.name, run_id=str(run.pk), limit=limit)
+    if woken:
+        run_dispatch(Run.objects.select_related("agent").filter(pk__in=woken, status=RunStatus.QUEUED))
+
+
+def runs_expire(runs: Iterable[Run]) -> list[Run]:
+    """End queued runs past their expiry as expired, without running them; returns those ended here."""
+    runs = list(runs)
+    now = timezone.now()
+    ended = Run.objects.filter(pk__in=[run.pk for run in runs], status=RunStatus.QUEUED, expires_at__lt=now)
+    ended_ids = set(ended.values_list("pk", flat=True))
+    if not ended_ids:
+        return []
+    written = Run.objects.filter(pk__in=ended_ids, status=RunStatus.QUEUED).update(
+        status=RunStatus.EXPIRED, finished_at=now, sla_met=False, sla_miss="queue_wait", escalate_at=None
+    )
+    expired = [run for run in runs if run.pk in ended_ids] if written else []
+    for run in expired:
+        run.status, run.finished_at, run.sla_met, run.sla_miss = RunStatus.EXPIRED, now, False, "queue_wait"
+    _announce(expired)
+    return expired
+
+
+def run_cancelled(run: Run) -> bool:
+    """Cancel a queued or running run; False if it had already ended."""
+    now = timezone.now()
+    in_flight = [RunStatus.QUEUED, RunStatus.RUNNING]
+    cancelled = Run.objects.filter(pk=run.pk, status__in=in_flight).update(
+        status=RunStatus.CANCELLED, finished_at=now, lease_expires_at=None, escalate_at=None
+    )
+    run.refresh_from_db()
+    if not cancelled:
+        return False
+    events.publish_cancel(run.pk)
+    _announce([run])
+    return True
+
+
+def shared_answer(run: Run, *, result: Any, now: datetime) -> dict[str, Any]:
+    """The fields of a run answered without executing: from the cache, or by the run it followed."""
+    met, overran = sla_outcome(deadline=run.deadline, started_at=None, finished_at=now)
+    return {
+        "status": RunStatus.SUCCEEDED, "result": result, "error": None, "finished_at": now,
+        "sla_met": met, "sla_miss": overran, "escalate_at": None,
+    }  # fmt: skip
+
+
+def runs_answer_from_cache(runs: list[Run]) -> list[Run]:
+    """Before insert: answer the runs (of cacheable agents) whose result is cached; returns those answered."""
+    hits = result_cache_get_many([(run.agent.name, run.agent_version, run.input) for run in runs])
+    now = timezone.now()
+    answered = []
+    for run, hit in zip(runs, hits, strict=True):
+        if hit is not None:
+            for name, value in shared_answer(run, result=hit.result, now=now).items():
+                setattr(run, name, value)
+            run.cached = True
+            answered.append(run)
+    return answered
+
+
+def queued_answer_from_cache(runs: list[Run]) -> list[Run]:
+    """After commit: finish from the cache the queued runs whose result was stored meanwhile; returns the rest."""
+    hits = result_cache_get_many([(run.agent.name, run.agent_version, run.input) for run in runs])
+    rest, answered = [], []
+    now = timezone.now()
+    for run, hit in zip(runs, hits, strict=True):
+        if hit is None:
+            rest.append(run)
+            continue
+        values = {**shared_answer(run, result=hit.result, now=now), "cached": True}
+        if Run.objects.filter(pk=run.pk, status=RunStatus.QUEUED).update(**values):
+            for name, value in values.items():
+                setattr(run, name, value)
+            answered.append(run)
+    _announce(answered)
+    return rest
+
+
+def leaders_ended(leaders: Sequence[Run]) -> int:
+    """Settle the queued followers of leaders that reached a final status; returns how many were settled.
+
+    Followers of a leader that succeeded or failed end the same way; those of a leader cancelled
+    or expired (one caller's fate, not the work's) have the most urgent of them take over the work.
+    """
+    if not leaders:
+        return 0
+    waiting = set(
+        Run.objects.filter(follows__in=[leader.pk for leader in leaders], status=RunStatus.QUEUED)
+        .values_list("follows_id", flat=True)
+        .distinct()
+    )
+    settled = 0
+    for leader in leaders:
+        if leader.pk not in waiting:
+            continue
+        if leader.status in (RunStatus.SUCCEEDED, RunStatus.FAILED):
+            settled += _followers_finish(leader)
+        elif leader.status in TAKEN_OVER_AFTER:
+            settled += _followers_take_over(leader)
+    return settled
+
+
+def _followers_finish(leader: Run) -> int:
+    now = timezone.now()
+    if leader.status == RunStatus.SUCCEEDED:
+        outcome = {"status": RunStatus.SUCCEEDED, "result": leader.result, "error": None}
+    else:
+        cause = leader.error or {}
+        message = f"the run it followed ({leader.pk}) failed: {cause.get('message', '')}"
+        outcome = {"status": RunStatus.FAILED, "result": None, "error": {**cause, "message": message}}
+    with transaction.atomic():
+        followers = list(
+            Run.objects.select_for_update().select_related("agent").filter(follows=leader, status=RunStatus.QUEUED)
+        )
+        per_run = {}
+        for run in followers:
+            met, overran = sla_outcome(deadline=run.deadline, started_at=None, finished_at=now)
+            per_run[run.pk] = {"sla_met": met and outcome["status"] == RunStatus.SUCCEEDED, "sla_miss": overran}
+        _set(Run.objects.all(), per_run, **outcome, finished_at=now, escalate_at=None)
+    for run in followers:
+        for name, value in {**outcome, **per_run[run.pk], "finished_at": now, "escalate_at": None}.items():
+            setattr(run, name, value)
+    _announce(followers)
+    return len(followers)
+
+
+def _followers_take_over(leader: Run) -> int:
+    """The most urgent, then oldest, follower of a cancelled or expired leader takes over the work.
+
+    The others follow it: none is more urgent than the heir, so none waits on less urgent work.
+    """
+    while True:
+        followers = Run.objects.select_related("agent").filter(follows=leader, status=RunStatus.QUEUED)
+        heir = followers.order_by(URGENCY, "submitted_at").first()
+        if heir is None:
+            return 0
+        if not Run.objects.filter(pk=heir.pk, follows=leader, status=RunStatus.QUEUED).update(follows=None):
+            continue
+        heir.follows_id = None
+        try:
+            holder = leader_take_over(heir, ended=str(leader.pk))
+        except redis.RedisError:
+            logger.exception("could not hand the in-flight key of %s to %s", leader.pk, heir.pk)
+            holder = None
+        if holder is not None:
+            # Another identical run leads now: everyone follows it.
+            moved = Run.objects.filter(pk=heir.pk).update(follows_id=holder)
+            moved += Run.objects.filter(follows=leader, status=RunStatus.QUEUED).update(follows_id=holder)
+            leaders_ended(list(Run.objects.select_related("agent").filter(pk=holder).exclude(IN_FLIGHT)))
+            return moved
+        moved = Run.objects.filter(follows=leader, status=RunStatus.QUEUED).update(follows=heir)
+        if queued_answer_from_cache([heir]):
+            run_dispatch([heir])
+        # The heir may have been cancelled before the others moved to it.
+        heir.refresh_from_db()
+        if heir.is_terminal:
+            leaders_ended([heir])
+        logger.info("run %s took over from %s run %s for %d followers", heir.pk, leader.status, leader.pk, moved)
+        return moved + 1
+
+
+def followers_orphaned(limit: int) -> int:
+    """Followers still queued behind a leader that already ended (a crash between steps): settle them."""
+    leader_ids = (
+        Run.objects.filter(status=RunStatus.QUEUED, follows__status__in=RunStatus.terminal())
+        .values_list("follows_id", flat=True)
+        .distinct()[:limit]
+    )
+    return leaders_ended(list(Run.objects.select_related("agent").filter(pk__in=list(leader_ids))))
+
+
+def lost_worker_error(run: Run) -> dict[str, str]:
+    return {
+        "type": "WorkerLost",
+        "message": f"the worker running attempt {run.attempts} ({run.worker}) stopped before finishing it",
+        "traceback": "",
+    }
+
+
+def attempt_lost(run: Run, *, error: dict[str, str], run_ms: int | None = None, backoff: bool = True) -> bool:
+    """Record an attempt that ended outside the agent (its worker died, or was killed at the hard limit)."""
+    now = timezone.now()
+    attempt = Attempt(run=run, started_at=run.started_at or now, finished_at=now, run_ms=run_ms, error=error)
+    if not backoff and attempt.retries_left:
+        # The sweeper found it long after: queue it again at once.
+        written = Run.objects.filter(held_by(run)).update(
+            status=RunStatus.QUEUED, error=error, run_ms=run_ms, lease_expires_at=None, worker="",
+            queue_wait_ms=_queue_wait_ms(run, attempt.started_at),
+        )  # fmt: skip
+        if written:
+            run.status, run.error = RunStatus.QUEUED, error
+            run_dispatch([run])
+            _announce([run])
+        return bool(written)
+    return bool(attempts_record([attempt], held=held_by(run)))
