@@ -90,15 +90,20 @@ def publish_run_events(events: Iterable[dict[str, Any]], *, pipe: redis.client.P
     not raised; a waiter that misses an event finds the outcome when it reads the row again.
     """
     pipe = pipe if pipe is not None else redis_client().pipeline(transaction=False)
+    queue_run_events(pipe, events)
+    try:
+        pipe.execute()
+    except redis.RedisError:
+        logger.exception("could not publish run events")
+
+
+def queue_run_events(pipe: redis.client.Pipeline, events: Iterable[dict[str, Any]]) -> None:
+    """Queue the publishes of run events on `pipe`, for the caller to send with its own commands."""
     for event in events:
         payload = json.dumps(event)
         pipe.publish(run_channel(event["run"]), payload)
         pipe.publish(agent_channel(event["agent"]), payload)
         pipe.publish(all_channel(), payload)
-    try:
-        pipe.execute()
-    except redis.RedisError:
-        logger.exception("could not publish run events")
 
 
 def publish_cancel(run_id: object) -> None:

@@ -208,11 +208,11 @@ REST_FRAMEWORK = {
     "PAGE_SIZE": env_int("API_PAGE_SIZE", 50),
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "agents.api.errors.exception_handler",
-    # Per-user submission rate ("N/second|minute|hour|day"), counted in the shared Redis cache.
-    "DEFAULT_THROTTLE_RATES": {"submit": env_str("API_SUBMIT_RATE", "6000/minute")},
 }
+# Runs each user may submit through the API ("N/second|minute|hour|day"), counted in Redis.
+API_SUBMIT_RATE = env_str("API_SUBMIT_RATE", "6000/minute")
 
-# The shared cache (throttle counters) lives in Redis under the deployment's prefix.
+# Django's shared cache lives in Redis under the deployment's prefix.
 CACHES = {
     "default": {
         "BACKEND": "django.core.cache.backends.redis.RedisCache",

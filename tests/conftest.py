@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 from celery.signals import before_task_publish
 from django.conf import settings
 from django.core.management.base import CommandError
@@ -127,6 +128,35 @@ def published() -> Iterator[list[list]]:
     before_task_publish.connect(record, weak=False)
     yield messages
     before_task_publish.disconnect(record)
+
+
+class RoundTrips:
+    """Redis round trips made by this process: one per command sent alone, one per pipeline."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.calls)
+
+
+@pytest.fixture
+def redis_round_trips(monkeypatch) -> RoundTrips:
+    """Counts the Redis round trips of this process (the platform's clients and Celery's alike) from now on."""
+    trips = RoundTrips()
+    command, pipeline = redis.Redis.execute_command, redis.client.Pipeline.execute
+
+    def counted_command(self, *args, **options):
+        trips.calls.append(str(args[0]))
+        return command(self, *args, **options)
+
+    def counted_pipeline(self, *args, **options):
+        trips.calls.append(f"pipeline({len(self.command_stack)})")
+        return pipeline(self, *args, **options)
+
+    monkeypatch.setattr(redis.Redis, "execute_command", counted_command)
+    monkeypatch.setattr(redis.client.Pipeline, "execute", counted_pipeline)
+    return trips
 
 
 def worker_env() -> dict[str, str]:

@@ -6,12 +6,13 @@ from rest_framework.views import exception_handler as drf_exception_handler
 
 from agents.errors import RunNotCancellable, RunRejected
 from scheduling.admission import AdmissionRefused
+from scheduling.rate import RateExceeded
 
 
 def exception_handler(exc, context) -> Response | None:
     if isinstance(exc, RunRejected):
         return Response(exc.errors, status=exc.status_code)
-    if isinstance(exc, AdmissionRefused):
+    if isinstance(exc, AdmissionRefused | RateExceeded):
         return Response(
             {"detail": str(exc)},
             status=status.HTTP_429_TOO_MANY_REQUESTS,

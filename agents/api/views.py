@@ -1,3 +1,5 @@
+import functools
+
 from django.conf import settings
 from django.db.models import QuerySet
 from django.shortcuts import get_object_or_404
@@ -6,7 +8,6 @@ from rest_framework import generics, status
 from rest_framework.pagination import PageNumberPagination
 from rest_framework.request import Request
 from rest_framework.response import Response
-from rest_framework.throttling import ScopedRateThrottle
 from rest_framework.views import APIView
 
 from agents.api.serializers import (
@@ -25,6 +26,7 @@ from agents.runs.cancellation import run_cancel
 from agents.runs.selectors import run_list, run_visible_to, run_wait
 from agents.runs.submit import run_submit, run_submit_many
 from agents.stats import run_stats
+from scheduling.rate import Rate, rate_take
 
 # Room for the fields around a maximal input in a single submission.
 ENVELOPE_BYTES = 16 * 1024
@@ -59,16 +61,17 @@ class RunPagination(PageNumberPagination):
     max_page_size = 500
 
 
-class SubmissionThrottled:
-    """Submissions count against the user's submission rate; reads do not."""
-
-    throttle_scope = "submit"
-
-    def get_throttles(self):
-        return [ScopedRateThrottle()] if self.request.method == "POST" else super().get_throttles()
+@functools.cache
+def submit_rate(text: str) -> Rate:
+    return Rate.parse(text)
 
 
-class RunListCreateView(SubmissionThrottled, generics.ListAPIView):
+def count_against_rate(request: Request, runs: int) -> None:
+    """Each run submitted counts against the user's submission rate (RateExceeded answers 429)."""
+    rate_take(who=request.user.pk, runs=runs, rate=submit_rate(settings.API_SUBMIT_RATE))
+
+
+class RunListCreateView(generics.ListAPIView):
     serializer_class = RunSerializer
     pagination_class = RunPagination
 
@@ -88,18 +91,21 @@ class RunListCreateView(SubmissionThrottled, generics.ListAPIView):
         refuse_oversized(request, settings.RUN_MAX_INPUT_BYTES + ENVELOPE_BYTES)
         body = RunSubmitSerializer(data=request.data)
         body.is_valid(raise_exception=True)
+        count_against_rate(request, 1)
         run, created = run_submit(user=request.user, request=body.to_request())
         return Response(RunSerializer(run).data, status=status.HTTP_201_CREATED if created else status.HTTP_200_OK)
 
 
-class RunBatchView(SubmissionThrottled, APIView):
+class RunBatchView(APIView):
     @extend_schema(request=RunBatchSerializer, responses={201: RunSerializer(many=True)})
     def post(self, request: Request) -> Response:
         """Submit up to RUN_BATCH_MAX_ITEMS runs in one transaction; one invalid item rejects them all."""
         refuse_oversized(request, settings.RUN_BATCH_MAX_BYTES)
         body = RunBatchSerializer(data=request.data)
         body.is_valid(raise_exception=True)
-        outcome = run_submit_many(user=request.user, requests=body.to_requests())
+        requests = body.to_requests()
+        count_against_rate(request, len(requests))
+        outcome = run_submit_many(user=request.user, requests=requests)
         return Response(RunSerializer([run for run, _ in outcome], many=True).data, status=status.HTTP_201_CREATED)
 
 

@@ -16,6 +16,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 
+import redis
 from django.conf import settings
 
 from agentplatform.celery import app
@@ -48,19 +49,26 @@ def messages_of(runs: Sequence, size: int) -> list[Sequence]:
 
 
 def run_dispatch(
-    runs: Iterable, *, countdown: float | None = None, tier: Tier | None = None, per_message: int | None = None
+    runs: Iterable,
+    *,
+    countdown: float | None = None,
+    tier: Tier | None = None,
+    per_message: int | None = None,
+    pipe: redis.client.Pipeline | None = None,
 ) -> None:
     """Send the runs' ids in as few messages per tier as `per_message` (default RUN_MESSAGE_MAX_RUNS) allows,
-    on `tier`'s queue if given."""
+    on `tier`'s queue if given. The markers go with the commands already queued on `pipe`, if given."""
     runs = list(runs)
+    pipe = pipe if pipe is not None else redis_client().pipeline(transaction=False)
+    if runs:
+        due = time.time() + (countdown or 0)
+        pipe.zadd(dispatched_key(), {str(run.pk): due for run in runs})
+    pipe.execute()
     if not runs:
         return
     by_queue: dict[str, list] = defaultdict(list)
     for run in runs:
         by_queue[(tier or Tier(run.tier)).queue].append(run)
-    due = time.time() + (countdown or 0)
-    markers = redis_client()
-    markers.zadd(dispatched_key(), {str(run.pk): due for run in runs})
     try:
         with app.producer_or_acquire() as producer, producer.batch():
             for queue, queued in by_queue.items():
@@ -74,7 +82,7 @@ def run_dispatch(
                         producer=producer,
                     )
     except Exception:
-        markers.zrem(dispatched_key(), *[str(run.pk) for run in runs])
+        redis_client().zrem(dispatched_key(), *[str(run.pk) for run in runs])
         raise
 
 

@@ -15,6 +15,7 @@ from django.utils import timezone
 from pydantic import ValidationError
 
 from agentplatform import events
+from agentplatform.redis_client import redis_client
 from agents.errors import PayloadTooLarge, RunRejected
 from agents.models import Agent, Run, RunStatus
 from agents.registry import registry
@@ -236,15 +237,16 @@ def _drain_per_second(runs: QuerySet[Run]) -> float:
 
 
 def _after_submit(runs: list[Run], executing: list[Run], *, shareable: set) -> None:
-    """After commit: the runs' events in one round trip, then their messages."""
-    events.publish_run_events(
-        events.event_of_run(run, "queued" if run.status == RunStatus.QUEUED else "succeeded") for run in runs
+    """After commit: the runs' events and message markers in one round trip, then their messages."""
+    pipe = redis_client().pipeline(transaction=False)
+    events.queue_run_events(
+        pipe, (events.event_of_run(run, "queued" if run.status == RunStatus.QUEUED else "succeeded") for run in runs)
     )
     # Followers from before the insert: their leader may have ended before they were committed.
     followers = [run for run in runs if run.follows_id is not None]
     try:
         leading = runs_lead([run for run in executing if run.pk in shareable])
-        run_dispatch([run for run in executing if run.pk not in shareable] + leading)
+        run_dispatch([run for run in executing if run.pk not in shareable] + leading, pipe=pipe)
         followed_settle(followers)
     except Exception:
         # The runs are stored and stay queued: the caller must not see a failure and submit them again.

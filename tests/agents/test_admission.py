@@ -1,7 +1,6 @@
 """Admission control and submission rates through the API (no workers: runs stay queued)."""
 
 import pytest
-from rest_framework.throttling import ScopedRateThrottle
 
 from agents.models import Agent, Run
 
@@ -76,8 +75,8 @@ def test_an_agent_backlog_limit_overrides_the_tier_limit(api, limits):
     assert other.status_code == 201
 
 
-def test_submissions_over_the_user_rate_answer_429_with_retry_after(api, monkeypatch):
-    monkeypatch.setattr(ScopedRateThrottle, "THROTTLE_RATES", {"submit": "2/minute"})
+def test_submissions_over_the_user_rate_answer_429_with_retry_after(api, settings):
+    settings.API_SUBMIT_RATE = "2/minute"
 
     statuses = [submit(api).status_code for _ in range(3)]
     response = submit(api)
@@ -87,8 +86,21 @@ def test_submissions_over_the_user_rate_answer_429_with_retry_after(api, monkeyp
     assert Run.objects.count() == 2
 
 
-def test_reads_do_not_count_against_the_submission_rate(api, monkeypatch):
-    monkeypatch.setattr(ScopedRateThrottle, "THROTTLE_RATES", {"submit": "1/minute"})
+def test_reads_do_not_count_against_the_submission_rate(api, settings):
+    settings.API_SUBMIT_RATE = "1/minute"
 
     assert [api.get(RUNS).status_code for _ in range(3)] == [200, 200, 200]
     assert submit(api).status_code == 201
+
+
+def test_the_submission_rate_counts_runs_not_requests(api, settings):
+    settings.API_SUBMIT_RATE = "5/minute"
+    batch = {"runs": [{"agent": "echo", "input": {"n": n}} for n in range(4)]}
+
+    first = api.post(f"{RUNS}batch/", batch, format="json")
+    second = api.post(f"{RUNS}batch/", batch, format="json")
+    single = submit(api)
+
+    assert (first.status_code, second.status_code, single.status_code) == (201, 429, 201)
+    assert "rate of 5" in second.json()["detail"]
+    assert Run.objects.count() == 5

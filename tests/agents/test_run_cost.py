@@ -1,0 +1,62 @@
+"""The cost of a run, pinned: SQL statements and Redis round trips of one submission and one execution.
+
+Every run pays for these; a change that adds a round trip to the hot path fails here. Runs that
+travel together pay per message, not per run, so the counts must not grow with a message's size.
+"""
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+
+from agents.models import Run, RunStatus
+from agents.runs.execute import runs_execute
+from tests.factories import RunFactory
+
+RUNS = "/api/v1/runs/"
+
+
+def test_submitting_one_run_through_the_api_costs_three_statements_and_four_redis_round_trips(
+    transactional_db, api, redis_round_trips
+):
+    api.post(RUNS, {"agent": "echo", "input": {}}, format="json")  # the first request warms per-process caches
+    redis_round_trips.calls.clear()
+
+    with CaptureQueriesContext(connection) as queries:
+        response = api.post(RUNS, {"agent": "echo", "input": {"n": 1}}, format="json")
+
+    assert response.status_code == 201
+    # token, agent, insert (Django wraps the insert in its own transaction)
+    assert len([query for query in queries if not query["sql"].startswith(("BEGIN", "COMMIT", "SAVEPOINT"))]) <= 3
+    # rate; backlog reservation; events and message markers; the message
+    assert len(redis_round_trips) <= 4, redis_round_trips.calls
+
+
+def test_a_batch_submission_costs_the_same_round_trips_as_one_run(transactional_db, api, redis_round_trips):
+    body = {"runs": [{"agent": "echo", "input": {"n": n}} for n in range(200)]}
+    api.post(f"{RUNS}batch/", {"runs": body["runs"][:1]}, format="json")
+    redis_round_trips.calls.clear()
+
+    with CaptureQueriesContext(connection) as queries:
+        response = api.post(f"{RUNS}batch/", body, format="json")
+
+    assert response.status_code == 201
+    assert len([query for query in queries if not query["sql"].startswith(("BEGIN", "COMMIT", "SAVEPOINT"))]) <= 3
+    # as for one run: 200 runs travel in two messages, published in one round trip
+    assert len(redis_round_trips) <= 4, redis_round_trips.calls
+
+
+@pytest.mark.parametrize("runs_in_message", [1, 100])
+def test_executing_a_message_costs_two_statements_and_two_redis_round_trips_whatever_its_size(
+    transactional_db, redis_round_trips, runs_in_message
+):
+    runs = [RunFactory(input={"n": n}) for n in range(runs_in_message)]
+    redis_round_trips.calls.clear()
+
+    with CaptureQueriesContext(connection) as queries:
+        runs_execute(run_ids=[str(run.pk) for run in runs], worker="w1", lease_seconds=30)
+
+    # claim (UPDATE … RETURNING), finish (one bulk UPDATE)
+    assert len(queries) <= 2, [query["sql"][:80] for query in queries]
+    # markers, backlog and "started" events; "succeeded" events
+    assert len(redis_round_trips) <= 2, redis_round_trips.calls
+    assert set(Run.objects.values_list("status", flat=True)) == {RunStatus.SUCCEEDED}
