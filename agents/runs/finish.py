@@ -21,8 +21,7 @@ from typing import Any
 
 import redis
 from django.db import connection, transaction
-from django.db.models import Case, Q, QuerySet, Value, When
-from django.db.models.functions import Cast
+from django.db.models import Case, Q, Value, When
 from django.utils import timezone
 
 from agentplatform import events
@@ -70,20 +69,47 @@ def _queue_wait_ms(run: Run, started_at: datetime) -> int:
     return max(int((started_at - run.submitted_at).total_seconds() * 1000), 0)
 
 
-def _set(runs: QuerySet[Run], per_run: dict[Any, dict[str, Any]], **same: Any) -> int:
-    """One UPDATE: `same` for every row, and per row the values of `per_run[pk]` (fields alike across rows)."""
+def _set(held: Q, per_run: dict[Any, dict[str, Any]], **same: Any) -> int:
+    """One UPDATE of the rows `held` still matches: `same` for every row, and per row the values of
+    `per_run[pk]` (the same fields for every row), joined from a VALUES list.
+
+    Plain SQL because the ORM's bulk_update builds a CASE per field and row, whose construction
+    cost more than everything else a worker does for a no-op run.
+    """
     if not per_run:
         return 0
-    cast = connection.features.requires_casted_case_in_updates
-    varying = {}
-    for name in next(iter(per_run.values())):
+    quote = connection.ops.quote_name
+    table = quote(Run._meta.db_table)
+    fields = [Run._meta.get_field(name) for name in next(iter(per_run.values()))]
+    pk = Run._meta.pk
+    # PostgreSQL types a VALUES column from its first values (a column of NULLs is text): cast each.
+    typed = connection.vendor == "postgresql"
+
+    def value_of(field) -> str:
+        return f"CAST(v.{quote(field.column)} AS {field.db_type(connection)})" if typed else f"v.{quote(field.column)}"
+
+    assignments = [f"{quote(field.column)} = {value_of(field)}" for field in fields]
+    params: list[Any] = []
+    for name, value in same.items():
         field = Run._meta.get_field(name)
-        case = Case(
-            *(When(pk=pk, then=Value(values[name], output_field=field)) for pk, values in per_run.items()),
-            output_field=field,
-        )
-        varying[name] = Cast(case, output_field=field) if cast else case
-    return runs.filter(pk__in=list(per_run)).update(**same, **varying)
+        assignments.append(f"{quote(field.column)} = %s")
+        params.append(field.get_db_prep_save(value, connection))
+    row = "(" + ", ".join(["%s"] * (len(fields) + 1)) + ")"
+    values: list[Any] = []
+    for run_pk, row_values in per_run.items():
+        values.append(pk.get_db_prep_save(run_pk, connection))
+        values += [field.get_db_prep_save(row_values[field.name], connection) for field in fields]
+    query = Run.objects.filter(held).query
+    where, where_params = query.get_compiler(connection=connection).compile(query.where)
+    columns = ", ".join(quote(column) for column in [pk.column, *(field.column for field in fields)])
+    v_pk = f"CAST(v.{quote(pk.column)} AS {pk.db_type(connection)})" if typed else f"v.{quote(pk.column)}"
+    sql = (
+        f"WITH v ({columns}) AS (VALUES {', '.join([row] * len(per_run))}) "
+        f"UPDATE {table} SET {', '.join(assignments)} FROM v WHERE {table}.{quote(pk.column)} = {v_pk} AND {where}"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [*values, *params, *where_params])
+        return cursor.rowcount
 
 
 def attempts_record(attempts: Sequence[Attempt], *, held: Q) -> list[Run]:
@@ -98,12 +124,11 @@ def attempts_record(attempts: Sequence[Attempt], *, held: Q) -> list[Run]:
     succeeded = [attempt for attempt in attempts if attempt.error is None]
     retried = [attempt for attempt in attempts if attempt.error is not None and attempt.retries_left]
     failed = [attempt for attempt in attempts if attempt.error is not None and not attempt.retries_left]
-    held_runs = Run.objects.filter(held)
     for group, status in ((succeeded, RunStatus.SUCCEEDED), (failed, RunStatus.FAILED)):
         if not group:
             continue
         values = {attempt.run.pk: _final_values(attempt, succeeded=status == RunStatus.SUCCEEDED) for attempt in group}
-        count = _set(held_runs, values, status=status, lease_expires_at=None)
+        count = _set(held, values, status=status, lease_expires_at=None)
         written += _mark(group, status, values, count)
     if retried:
         values = {
@@ -113,7 +138,7 @@ def attempts_record(attempts: Sequence[Attempt], *, held: Q) -> list[Run]:
             }
             for attempt in retried
         }  # fmt: skip
-        count = _set(held_runs, values, status=RunStatus.QUEUED, lease_expires_at=None, worker="")
+        count = _set(held, values, status=RunStatus.QUEUED, lease_expires_at=None, worker="")
         for run in _mark(retried, RunStatus.QUEUED, values, count):
             delay = retry_delay(run.attempts)
             logger.info(
@@ -303,7 +328,7 @@ def _followers_finish(leader: Run) -> int:
         for run in followers:
             met, overran = sla_outcome(deadline=run.deadline, started_at=None, finished_at=now)
             per_run[run.pk] = {"sla_met": met and outcome["status"] == RunStatus.SUCCEEDED, "sla_miss": overran}
-        _set(Run.objects.all(), per_run, **outcome, finished_at=now, escalate_at=None)
+        _set(Q(status=RunStatus.QUEUED), per_run, **outcome, finished_at=now, escalate_at=None)
     for run in followers:
         for name, value in {**outcome, **per_run[run.pk], "finished_at": now, "escalate_at": None}.items():
             setattr(run, name, value)
