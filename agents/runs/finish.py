@@ -112,11 +112,11 @@ def _set(held: Q, per_run: dict[Any, dict[str, Any]], **same: Any) -> int:
         return cursor.rowcount
 
 
-def attempts_record(attempts: Sequence[Attempt], *, held: Q) -> list[Run]:
+def attempts_record(attempts: Sequence[Attempt], *, held: Q, backoff: bool = True) -> list[Run]:
     """Record how attempts ended, for the runs the claim `held` still holds; returns the runs written.
 
-    A success is final; a failure queues the run again after a backoff while it has retries left,
-    and is final after that.
+    A success is final; a failure queues the run again (after a backoff, unless `backoff` is off)
+    while it has retries left, and is final after that.
     """
     if not attempts:
         return []
@@ -140,11 +140,11 @@ def attempts_record(attempts: Sequence[Attempt], *, held: Q) -> list[Run]:
         }  # fmt: skip
         count = _set(held, values, status=RunStatus.QUEUED, lease_expires_at=None, worker="")
         for run in _mark(retried, RunStatus.QUEUED, values, count):
-            delay = retry_delay(run.attempts)
+            delay = retry_delay(run.attempts) if backoff else 0.0
             logger.info(
                 "run %s attempt %s failed (%s); retrying in %.2fs", run.pk, run.attempts, run.error["type"], delay
             )
-            run_dispatch([run], countdown=delay)
+            run_dispatch([run], countdown=delay or None)
             written.append(run)
     _announce(written)
     return written
@@ -390,18 +390,10 @@ def lost_worker_error(run: Run) -> dict[str, str]:
 
 
 def attempt_lost(run: Run, *, error: dict[str, str], run_ms: int | None = None, backoff: bool = True) -> bool:
-    """Record an attempt that ended outside the agent (its worker died, or was killed at the hard limit)."""
+    """Record an attempt that ended outside the agent (its worker died, or was killed at the hard limit).
+
+    Without `backoff` (the sweeper found the run long after), a run with retries left is queued again at once.
+    """
     now = timezone.now()
     attempt = Attempt(run=run, started_at=run.started_at or now, finished_at=now, run_ms=run_ms, error=error)
-    if not backoff and attempt.retries_left:
-        # The sweeper found it long after: queue it again at once.
-        written = Run.objects.filter(held_by(run)).update(
-            status=RunStatus.QUEUED, error=error, run_ms=run_ms, lease_expires_at=None, worker="",
-            queue_wait_ms=_queue_wait_ms(run, attempt.started_at),
-        )  # fmt: skip
-        if written:
-            run.status, run.error = RunStatus.QUEUED, error
-            run_dispatch([run])
-            _announce([run])
-        return bool(written)
-    return bool(attempts_record([attempt], held=held_by(run)))
+    return bool(attempts_record([attempt], held=held_by(run), backoff=backoff))
