@@ -34,3 +34,14 @@ def costly(ctx, input: CostlyInput) -> dict[str, object]:
         digest = hashlib.sha256(digest).digest()
     # The result depends on the input alone, not on how much hashing fitted into the time.
     return {"n": input.n, "value": hashlib.sha256(str(input.n).encode()).hexdigest()[:16]}
+
+
+class NoopInput(BaseModel):
+    n: int = Field(default=0, ge=0, description="Any number: distinct numbers are distinct inputs.")
+
+
+# Critical, so that an uncached execution is served by the one pool bench/overhead.py starts.
+@agent(name="bench.noop", input=NoopInput, tier="critical", sla_seconds=3600, cache_ttl=3600, soft_time_limit=10)
+def noop(ctx, input: NoopInput) -> dict[str, int]:
+    """A cacheable agent that does nothing: what an answer costs, cached or executed, is the platform's."""
+    return {"n": input.n}
