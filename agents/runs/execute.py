@@ -9,6 +9,7 @@ run for longer than its slice hands the runs it has not started back to the queu
 messages, so that slow runs spread over the pool while fast ones keep travelling together.
 """
 
+import functools
 import json
 import logging
 import mmap
@@ -99,6 +100,7 @@ def soft_time_limit(seconds: float) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
+@functools.lru_cache(maxsize=128)
 def _claim_sql(count: int) -> str:
     quote = connection.ops.quote_name
     runs, agents = quote(Run._meta.db_table), quote(Agent._meta.db_table)
@@ -165,7 +167,8 @@ def runs_execute(*, run_ids: Sequence[str], worker: str, lease_seconds: float) -
     run_ids = _valid_ids(run_ids)
     claimed = runs_claim(run_ids=run_ids, worker=worker, lease_seconds=lease_seconds)
     if len(claimed) < len(run_ids):
-        _not_claimed([run_id for run_id in run_ids if run_id not in {run.pk for run in claimed}], worker=worker)
+        taken = {run.pk for run in claimed}
+        _not_claimed([run_id for run_id in run_ids if run_id not in taken], worker=worker)
     claimed = _with_slots(claimed)
     _received([str(run_id) for run_id in run_ids], claimed)
     if not claimed:
@@ -211,8 +214,10 @@ def _with_slots(claimed: list[Run]) -> list[Run]:
     waiting = []
     for run in claimed:
         limit = run.agent.concurrency_limit
+        if not limit:
+            continue
         lease = (run.lease_expires_at - timezone.now()).total_seconds()
-        if limit and not slot_acquire(agent=run.agent.name, run_id=str(run.pk), limit=limit, lease_seconds=lease):
+        if not slot_acquire(agent=run.agent.name, run_id=str(run.pk), limit=limit, lease_seconds=lease):
             slot_wait(agent=run.agent.name, run_id=str(run.pk))
             waiting.append(run)
     if not waiting:
