@@ -1,6 +1,8 @@
-from datetime import timedelta
+from datetime import datetime, timedelta
+from typing import Any
 
 from django.conf import settings
+from django.utils import timezone
 from rest_framework import serializers
 
 from agents.models import Agent, Run, RunStatus
@@ -88,6 +90,49 @@ class RunSerializer(serializers.ModelSerializer):
             "escalated_at",
         ]
         read_only_fields = fields
+
+    def to_representation(self, run: Run) -> dict[str, Any]:
+        # What ModelSerializer would give (a test holds the two equal), without building and
+        # walking twenty-five field objects per run: a 1,000-run batch answers with 1,000 of these.
+        return {
+            "id": str(run.pk),
+            "agent": run.agent.name,
+            "agent_version": run.agent_version,
+            "tier": str(run.tier),
+            "status": str(run.status),
+            "input": run.input,
+            "result": run.result,
+            "error": run.error,
+            "attempts": run.attempts,
+            "max_retries": run.max_retries,
+            "idempotency_key": run.idempotency_key,
+            "parent": _text(run.parent_id),
+            "submitted_at": _iso(run.submitted_at),
+            "started_at": _iso(run.started_at),
+            "finished_at": _iso(run.finished_at),
+            "queue_wait_ms": run.queue_wait_ms,
+            "run_ms": run.run_ms,
+            "sla_seconds": float(run.sla_seconds),
+            "deadline": _iso(run.deadline),
+            "sla_met": run.sla_met,
+            "sla_miss": str(run.sla_miss),
+            "cached": run.cached,
+            "follows": _text(run.follows_id),
+            "expires_at": _iso(run.expires_at),
+            "escalated_at": _iso(run.escalated_at),
+        }
+
+
+def _text(value: object) -> str | None:
+    return None if value is None else str(value)
+
+
+def _iso(value: datetime | None) -> str | None:
+    """A datetime as DRF's DateTimeField writes it: ISO 8601 in the current time zone, UTC as Z."""
+    if value is None:
+        return None
+    text = timezone.localtime(value).isoformat()
+    return text[:-6] + "Z" if text.endswith("+00:00") else text
 
 
 class RunListQuerySerializer(serializers.Serializer):
