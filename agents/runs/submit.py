@@ -1,5 +1,6 @@
 """Submitting runs: validation, the result cache, coalescing, admission, one insert and one dispatch."""
 
+import contextlib
 import json
 import logging
 from collections import Counter
@@ -146,7 +147,9 @@ def run_submit_many(*, user, requests: Sequence[RunRequest], parent: Run | None 
 
 def _insert_runs(*, user, runs: list[Run], shareable: set) -> list[tuple[Run, bool]]:
     keys = {run.idempotency_key for run in runs if run.idempotency_key}
-    with transaction.atomic():
+    # Only a lookup of idempotency keys must share a transaction with the insert; a lone INSERT is
+    # atomic in itself, and skipping BEGIN and COMMIT saves a lone run two round trips.
+    with transaction.atomic() if keys else contextlib.nullcontext():
         existing: dict[str, Run] = {}
         if keys and user is not None:
             existing = {
@@ -170,7 +173,10 @@ def _insert_runs(*, user, runs: list[Run], shareable: set) -> list[tuple[Run, bo
         executing = [run for run in queued if run.follows_id is None]
         reserved = _admit(executing)
         try:
-            Run.objects.bulk_create(new_runs)
+            if len(new_runs) == 1:
+                new_runs[0].save(force_insert=True)
+            else:
+                Run.objects.bulk_create(new_runs)
         except BaseException:
             backlog_release(reserved)
             raise
