@@ -171,8 +171,15 @@ RUN_MESSAGE_MAX_RUNS = env_int("RUN_MESSAGE_MAX_RUNS", 100)
 # A worker runs a message's runs one after another; once this long has passed, it hands the runs it
 # has not started back to the queue (in two messages, so that other processes share them).
 RUN_MESSAGE_SLICE_SECONDS = env_float("RUN_MESSAGE_SLICE_SECONDS", 0.1)
-# A claimed run's lease lasts its hard time limit plus this grace; past it the run may be claimed again.
-RUN_LEASE_GRACE_SECONDS = env_float("RUN_LEASE_GRACE_SECONDS", 30)
+# A claimed run is the worker's for this long; the worker's heartbeat renews the lease of every run it
+# holds each RUN_HEARTBEAT_SECONDS, so a dead worker's runs are claimed again within about a lease.
+RUN_LEASE_SECONDS = env_float("RUN_LEASE_SECONDS", 30)
+RUN_HEARTBEAT_SECONDS = env_float("RUN_HEARTBEAT_SECONDS", 10)
+# A run whose worker died goes back to the queue without spending a retry, this many times at most:
+# a run that keeps killing its workers then fails instead of taking the pool down forever.
+RUN_LOST_ATTEMPTS_MAX = env_int("RUN_LOST_ATTEMPTS_MAX", 3)
+# A worker whose database does not answer retries its writes, waiting up to this long between tries.
+RUN_WRITE_RETRY_MAX_SECONDS = env_float("RUN_WRITE_RETRY_MAX_SECONDS", 2)
 # Admission: queued runs per tier beyond which submissions get 429 (an agent may set its own limit).
 TIER_BACKLOG_LIMITS = {
     "critical": env_int("TIER_BACKLOG_LIMIT_CRITICAL", 2_000),

@@ -9,7 +9,9 @@ class AgentsConfig(AppConfig):
         from celery.signals import worker_ready
         from django.db.models.signals import post_migrate
 
+        from agents.runs.lease import heartbeat_on_worker_ready
         from agents.sync import sync_on_migrate, sync_on_worker_ready
 
         post_migrate.connect(sync_on_migrate, sender=self)
         worker_ready.connect(sync_on_worker_ready, weak=False)
+        worker_ready.connect(heartbeat_on_worker_ready, weak=False)

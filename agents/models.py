@@ -116,6 +116,9 @@ class Run(models.Model):
     time_limit = models.FloatField()
     max_retries = models.PositiveSmallIntegerField()
     attempts = models.PositiveSmallIntegerField(default=0, help_text="Attempts started so far.")
+    lost_attempts = models.PositiveSmallIntegerField(
+        default=0, help_text="Of those, attempts lost because their worker died: they do not spend the agent's retries."
+    )
     submitted_at = models.DateTimeField(default=timezone.now)
     deadline = models.DateTimeField(help_text="submitted_at + SLA, or the client's earlier deadline.")
     expires_at = models.DateTimeField(null=True, blank=True, help_text="A run not started by then ends expired.")

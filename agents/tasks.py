@@ -35,8 +35,7 @@ class ExecuteRunRequest(Request):
 
 @platform_task(name=EXECUTE_RUN_TASK, queue=Tier.STANDARD.queue, Request=ExecuteRunRequest)
 def execute_run(self, *run_ids: str) -> None:
-    hard_limit = (self.request.timelimit or (None, None))[0] or 0
-    execute.runs_execute(run_ids=run_ids, worker=self.request.hostname, lease_seconds=float(hard_limit))
+    execute.runs_execute(run_ids=run_ids, worker=self.request.hostname)
 
 
 @platform_task(name=SWEEP_TASK, queue=Tier.CRITICAL.queue, soft_time_limit=30, time_limit=60, expires=30)

@@ -1,6 +1,7 @@
 """Gives each test run its own PostgreSQL database and Redis key prefix (loaded before settings)."""
 
 import os
+import secrets
 import uuid
 
 RUN_ID = os.environ.setdefault("TEST_RUN_ID", uuid.uuid4().hex[:10])
@@ -9,6 +10,11 @@ os.environ.setdefault("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgr
 # Django creates and drops test_<NAME>; the suffix keeps concurrent runs apart.
 os.environ["DATABASE_URL"] = os.environ["DATABASE_URL"].rsplit("/", 1)[0] + f"/agentplatform_{RUN_ID}"
 os.environ["REDIS_KEY_PREFIX"] = f"aptest:{RUN_ID}:"
+# Settings refuse to load without a key while DEBUG is off, as in production; each run makes its own.
+os.environ.setdefault("SECRET_KEY", secrets.token_urlsafe(50))
 os.environ.setdefault("AGENT_MODULES", "tests.sample_agents")
 os.environ.setdefault("RETRY_BACKOFF_BASE_SECONDS", "0.05")
 os.environ.setdefault("RETRY_BACKOFF_MAX_SECONDS", "0.5")
+# Short leases renewed often: a run longer than its lease must live on its workers' heartbeats.
+os.environ.setdefault("RUN_LEASE_SECONDS", "3")
+os.environ.setdefault("RUN_HEARTBEAT_SECONDS", "0.5")

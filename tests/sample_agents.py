@@ -4,6 +4,8 @@ import contextlib
 import os
 import time
 
+import psycopg
+from django.db import connection
 from pydantic import BaseModel, Field
 
 from agentplatform.redis_client import redis_client, redis_key
@@ -37,6 +39,12 @@ def count(ctx, input: CountInput) -> dict:
     time.sleep(input.seconds)
     client.incr(redis_key("test", "done", input.key))
     return {"executions": executions}
+
+
+@agent(name="test.count_no_retries", input=CountInput, soft_time_limit=30, time_limit=40, max_retries=0)
+def count_no_retries(ctx, input: CountInput) -> dict:
+    """test.count for an agent that allows no retry."""
+    return count(ctx, input)
 
 
 RAISE_TO = """
@@ -137,3 +145,18 @@ def publisher(ctx, input: OrderInput) -> dict:
 def executions(key: str) -> int:
     """How many times test.count or test.cached_count started under `key`."""
     return int(redis_client().get(redis_key("test", "count", key)) or 0)
+
+
+@agent(name="test.connection_lost", input=CountInput, soft_time_limit=30, time_limit=40)
+def connection_lost(ctx, input: CountInput) -> dict:
+    """Counts its executions under `key`, then has the database end its worker's connection, as a restart would."""
+    executions = redis_client().incr(redis_key("test", "count", input.key))
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        (backend,) = cursor.fetchone()
+    db = connection.settings_dict
+    with psycopg.connect(
+        host=db["HOST"], port=db["PORT"], user=db["USER"], dbname=db["NAME"], autocommit=True
+    ) as other:
+        other.execute("SELECT pg_terminate_backend(%s)", [backend])
+    return {"executions": executions}

@@ -9,26 +9,23 @@ run for longer than its slice hands the runs it has not started back to the queu
 messages, so that slow runs spread over the pool while fast ones keep travelling together.
 """
 
+import contextlib
 import functools
 import json
 import logging
-import mmap
-import os
 import signal
-import struct
 import threading
 import time
 import traceback
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
-from django.db import connection
+from django.db import DatabaseError, InterfaceError, OperationalError, connection
 from django.db.models import F, Q
 from django.utils import timezone
 from pydantic import BaseModel
@@ -41,44 +38,12 @@ from agents.registry import registry
 from agents.runs.cancellation import cancel_watch
 from agents.runs.context import RunContext
 from agents.runs.dispatch import message_parked, messages_received, run_dispatch
-from agents.runs.finish import Attempt, attempt_lost, attempts_record, lost_worker_error, runs_expire, slots_free
+from agents.runs.finish import Attempt, attempt_lost, attempts_record, runs_expire, slots_free, worker_lost
+from agents.runs.lease import board, lease_until
 from scheduling.backlog import agent_field, backlog_add, tier_field
 from scheduling.concurrency import slot_acquire, slot_wait
 
 logger = logging.getLogger(__name__)
-
-
-class ExecutingBoard:
-    """Which run each process of this worker's pool is executing, readable by the worker's main process.
-
-    Anonymous shared memory mapped before the pool forks: a process writes its pid and the run id
-    into its slot before it calls an agent. When the pool kills a process at its hard time limit,
-    or finds it dead, the main process reads which run it was executing; the message's other runs
-    did not cause it and go back to the queue.
-    """
-
-    SLOTS = 1024
-    SLOT = struct.Struct("<I16s")
-
-    def __init__(self) -> None:
-        self._memory = mmap.mmap(-1, self.SLOTS * self.SLOT.size)
-
-    def _offset(self, pid: int) -> int:
-        return (pid % self.SLOTS) * self.SLOT.size
-
-    def set(self, run_id: uuid.UUID | None) -> None:
-        pid = os.getpid()
-        self.SLOT.pack_into(self._memory, self._offset(pid), pid, run_id.bytes if run_id else bytes(16))
-
-    def executing(self, pid: int | None) -> uuid.UUID | None:
-        """The run the process `pid` was executing, if it was executing one."""
-        if not pid:
-            return None
-        slot_pid, raw = self.SLOT.unpack_from(self._memory, self._offset(pid))
-        return uuid.UUID(bytes=raw) if slot_pid == pid and any(raw) else None
-
-
-board = ExecutingBoard()
 
 
 def _raise_soft_limit(signum, frame) -> None:
@@ -110,19 +75,21 @@ def _claim_sql(count: int) -> str:
     )
     agent = f"(SELECT {{}} FROM {agents} WHERE {agents}.id = {runs}.agent_id)"
     return f"""
-        UPDATE {runs} SET status = %s, worker = %s, started_at = %s, lease_expires_at = %s, attempts = attempts + 1
+        UPDATE {runs} SET status = %s, worker = %s, started_at = %s, lease_expires_at = %s,
+            attempts = attempts + 1,
+            -- A run taken back from a worker that died: the loss is the worker's, not the agent's.
+            lost_attempts = CASE WHEN status = %s THEN lost_attempts + 1 ELSE lost_attempts END
         WHERE id IN ({", ".join(["%s"] * count)}) AND follows_id IS NULL AND (
             (status = %s AND (expires_at IS NULL OR expires_at >= %s))
-            OR (status = %s AND lease_expires_at < %s AND attempts <= max_retries))
+            OR (status = %s AND lease_expires_at < %s AND lost_attempts < %s))
         RETURNING {columns}, {agent.format("name")} AS agent_name, {agent.format("cache_ttl")} AS agent_cache_ttl,
             {agent.format("concurrency_limit")} AS agent_concurrency_limit
     """
 
 
-def runs_claim(*, run_ids: Sequence[str], worker: str, lease_seconds: float) -> list[Run]:
+def runs_claim(*, run_ids: Sequence[str], worker: str) -> list[Run]:
     """Take the claimable runs among `run_ids` in one statement, in the message's order."""
-    now = timezone.now()
-    lease = now + timedelta(seconds=lease_seconds + settings.RUN_LEASE_GRACE_SECONDS)
+    now, lease = timezone.now(), lease_until()
     ids = [Run._meta.pk.get_db_prep_value(run_id, connection) for run_id in run_ids]
     at = connection.ops.adapt_datetimefield_value
     params = [
@@ -130,11 +97,13 @@ def runs_claim(*, run_ids: Sequence[str], worker: str, lease_seconds: float) -> 
         worker,
         at(now),
         at(lease),
+        RunStatus.RUNNING,
         *ids,
         RunStatus.QUEUED,
         at(now),
         RunStatus.RUNNING,
         at(now),
+        settings.RUN_LOST_ATTEMPTS_MAX,
     ]
     claimed = {run.pk: run for run in Run.objects.raw(_claim_sql(len(ids)), params)}
     for run in claimed.values():
@@ -161,19 +130,52 @@ def _backlog_change(runs: Sequence[Run], each: int) -> Counter[str]:
     return change
 
 
-def runs_execute(*, run_ids: Sequence[str], worker: str, lease_seconds: float) -> None:
+T = TypeVar("T")
+
+
+def until_database_answers(write: Callable[[], T], *, what: str) -> T:
+    """Call `write` until the database answers it, waiting longer between tries up to RUN_WRITE_RETRY_MAX_SECONDS.
+
+    A worker cannot do anything useful for its runs without the database, and giving up on the write
+    that records an agent's outcome would have the run executed again once its lease lapses.
+    """
+    delay = 0.05
+    while True:
+        try:
+            return write()
+        except (OperationalError, InterfaceError) as exc:
+            logger.warning("%s: the database did not answer (%s); trying again in %.2fs", what, exc, delay)
+        # Hands a broken connection back; the next query opens a new one.
+        with contextlib.suppress(DatabaseError):
+            connection.close()
+        time.sleep(delay)
+        delay = min(delay * 2, settings.RUN_WRITE_RETRY_MAX_SECONDS)
+
+
+def runs_execute(*, run_ids: Sequence[str], worker: str) -> None:
     """Run one attempt of each run of a message that this delivery wins the claim of."""
     began = time.monotonic()
     run_ids = _valid_ids(run_ids)
-    claimed = runs_claim(run_ids=run_ids, worker=worker, lease_seconds=lease_seconds)
+    claimed = until_database_answers(lambda: runs_claim(run_ids=run_ids, worker=worker), what="claim")
+    if not claimed:
+        _received([str(run_id) for run_id in run_ids], claimed)
+        _not_claimed(run_ids, worker=worker)
+        return
+    board.hold([run.pk for run in claimed])
+    try:
+        _execute_claimed(claimed, run_ids=run_ids, worker=worker, began=began)
+    finally:
+        board.hold(())
+
+
+def _execute_claimed(claimed: list[Run], *, run_ids: list[uuid.UUID], worker: str, began: float) -> None:
+    # The claim is known by its start: heartbeats move the lease, a later claim has a later start.
+    held = Q(status=RunStatus.RUNNING, worker=worker, started_at=claimed[0].started_at)
     if len(claimed) < len(run_ids):
         taken = {run.pk for run in claimed}
         _not_claimed([run_id for run_id in run_ids if run_id not in taken], worker=worker)
-    claimed = _with_slots(claimed)
+    claimed = _with_slots(claimed, held=held)
     _received([str(run_id) for run_id in run_ids], claimed)
-    if not claimed:
-        return
-    held = Q(status=RunStatus.RUNNING, worker=worker, lease_expires_at=claimed[0].lease_expires_at)
     attempts: list[Attempt] = []
     try:
         for index, run in enumerate(claimed):
@@ -184,7 +186,7 @@ def runs_execute(*, run_ids: Sequence[str], worker: str, lease_seconds: float) -
             if attempt is not None:
                 attempts.append(attempt)
     finally:
-        attempts_record(attempts, held=held)
+        until_database_answers(lambda: attempts_record(attempts, held=held), what="recording outcomes")
 
 
 def _valid_ids(run_ids: Sequence[str]) -> list[uuid.UUID]:
@@ -198,31 +200,31 @@ def _valid_ids(run_ids: Sequence[str]) -> list[uuid.UUID]:
 
 
 def _not_claimed(run_ids: list[uuid.UUID], *, worker: str) -> None:
-    """Of the runs a delivery could not claim, end those past their expiry or out of attempts."""
+    """Of the runs a delivery could not claim, end those past their expiry or out of lost attempts."""
     now = timezone.now()
     overdue = Q(status=RunStatus.QUEUED, expires_at__lt=now) | Q(status=RunStatus.RUNNING, lease_expires_at__lt=now)
     stuck = list(Run.objects.select_related("agent").filter(overdue, pk__in=run_ids, follows__isnull=True))
     runs_expire(run for run in stuck if run.status == RunStatus.QUEUED)
     for run in stuck:
         if run.status == RunStatus.RUNNING:
-            attempt_lost(run, error=lost_worker_error(run))
+            worker_lost(run)
     logger.info("%d runs of a message not claimed by %s: taken, cancelled or finished", len(run_ids), worker)
 
 
-def _with_slots(claimed: list[Run]) -> list[Run]:
+def _with_slots(claimed: list[Run], *, held: Q) -> list[Run]:
     """The claimed runs that may start: a run of an agent at its concurrency limit waits for a slot, queued."""
     waiting = []
     for run in claimed:
         limit = run.agent.concurrency_limit
         if not limit:
             continue
-        lease = (run.lease_expires_at - timezone.now()).total_seconds()
+        # The slot outlives any attempt that keeps to its time limit; a killed worker's slot frees itself.
+        lease = run.time_limit + settings.RUN_LEASE_SECONDS
         if not slot_acquire(agent=run.agent.name, run_id=str(run.pk), limit=limit, lease_seconds=lease):
             slot_wait(agent=run.agent.name, run_id=str(run.pk))
             waiting.append(run)
     if not waiting:
         return claimed
-    held = Q(status=RunStatus.RUNNING, worker=claimed[0].worker, lease_expires_at=claimed[0].lease_expires_at)
     _release(waiting, held=held)
     for run in waiting:
         message_parked(str(run.pk))
@@ -253,7 +255,7 @@ def _attempt(run: Run, worker: str) -> Attempt | None:
     """Call the run's agent; None when the run was cancelled meanwhile (the cancellation recorded it)."""
     spec = registry.get(run.agent.name)
     started_at, started = timezone.now(), time.monotonic()
-    board.set(run.pk)
+    board.executing_now(run.pk)
     try:
         if spec is None:
             raise AgentNotRegistered(f"agent {run.agent.name!r} is not declared in code on {worker}")
@@ -270,7 +272,7 @@ def _attempt(run: Run, worker: str) -> Attempt | None:
             error=error_record(exc), retryable=not isinstance(exc, AgentNotRegistered),
         )  # fmt: skip
     finally:
-        board.set(None)
+        board.executing_now(None)
     return Attempt(run=run, started_at=started_at, finished_at=timezone.now(), run_ms=_ms_since(started), result=result)
 
 
@@ -315,10 +317,8 @@ def message_lost(*, run_ids: Sequence[str], worker: str, pid: int | None) -> Non
     """A pool process died mid-message: its runs go back so that the redelivered message claims them at once."""
     culprit, others = _message_held(run_ids, worker=worker, pid=pid)
     if culprit is not None:
-        # The lease ends now: the redelivered message reclaims the run as its next attempt.
-        Run.objects.filter(pk=culprit.pk, status=RunStatus.RUNNING, worker=worker).update(
-            lease_expires_at=timezone.now()
-        )
+        # Celery delivers the message again: it claims the run, queued again without spending a retry.
+        worker_lost(culprit, dispatch=False)
     if others:
         _release(others, held=Q(status=RunStatus.RUNNING, worker=worker))
 

@@ -14,14 +14,16 @@ This module stands below the other steps of a run: it never imports `submit` or 
 """
 
 import logging
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import redis
+from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import Case, Q, Value, When
+from django.db.models import Case, F, Q, Value, When
 from django.utils import timezone
 
 from agentplatform import events
@@ -30,6 +32,7 @@ from agents.models import IN_FLIGHT, Run, RunStatus
 from agents.runs.dispatch import run_dispatch
 from agents.runs.inflight import leader_take_over, leaders_release
 from caching.results import result_cache_get_many, result_cache_store
+from scheduling.backlog import agent_field, backlog_add, tier_field
 from scheduling.concurrency import slot_release
 from scheduling.retries import retry_delay
 from scheduling.sla import sla_outcome
@@ -55,12 +58,15 @@ class Attempt:
 
     @property
     def retries_left(self) -> bool:
-        return self.retryable and self.run.attempts <= self.run.max_retries
+        return self.retryable and self.run.attempts - self.run.lost_attempts <= self.run.max_retries
 
 
 def held_by(run: Run) -> Q:
-    """The row as long as the attempt `run` describes still holds it: not cancelled, not reclaimed."""
-    return Q(status=RunStatus.RUNNING, worker=run.worker, attempts=run.attempts)
+    """The row as long as the claim `run` describes still holds it: not cancelled, not reclaimed.
+
+    A claim is known by its start: heartbeats move the lease, and a later claim has a later start.
+    """
+    return Q(status=RunStatus.RUNNING, worker=run.worker, started_at=run.started_at)
 
 
 def _queue_wait_ms(run: Run, started_at: datetime) -> int:
@@ -389,11 +395,41 @@ def lost_worker_error(run: Run) -> dict[str, str]:
     }
 
 
-def attempt_lost(run: Run, *, error: dict[str, str], run_ms: int | None = None, backoff: bool = True) -> bool:
-    """Record an attempt that ended outside the agent (its worker died, or was killed at the hard limit).
+def attempt_lost(
+    run: Run, *, error: dict[str, str], run_ms: int | None = None, backoff: bool = True, retryable: bool = True
+) -> bool:
+    """Record an attempt that ended outside the agent (killed at the hard limit, or its worker died too often).
 
     Without `backoff` (the sweeper found the run long after), a run with retries left is queued again at once.
     """
     now = timezone.now()
-    attempt = Attempt(run=run, started_at=run.started_at or now, finished_at=now, run_ms=run_ms, error=error)
+    attempt = Attempt(
+        run=run, started_at=run.started_at or now, finished_at=now, run_ms=run_ms, error=error, retryable=retryable
+    )
     return bool(attempts_record([attempt], held=held_by(run), backoff=backoff))
+
+
+def worker_lost(run: Run, *, dispatch: bool = True) -> bool:
+    """The worker holding `run` died: queue the run again without spending one of the agent's retries, or
+    fail it once it has lost more than RUN_LOST_ATTEMPTS_MAX workers. Returns whether this call recorded it.
+
+    Without `dispatch`, the run waits for the message Celery delivers again.
+    """
+    error = lost_worker_error(run)
+    if run.lost_attempts >= settings.RUN_LOST_ATTEMPTS_MAX:
+        error["message"] += f"; {run.lost_attempts + 1} workers died running it, so it is not tried again"
+        return attempt_lost(run, error=error, retryable=False)
+    requeued = Run.objects.filter(held_by(run)).update(
+        status=RunStatus.QUEUED, worker="", lease_expires_at=None, error=error, lost_attempts=F("lost_attempts") + 1
+    )
+    if not requeued:
+        return False
+    run.status, run.worker, run.lease_expires_at, run.error = RunStatus.QUEUED, "", None, error
+    run.lost_attempts += 1
+    logger.warning("run %s lost its worker (%d so far); queued again", run.pk, run.lost_attempts)
+    pipe = redis_client().pipeline(transaction=False)
+    backlog_add(pipe, Counter({tier_field(run.tier): 1, agent_field(run.agent.name): 1}))
+    events.publish_run_events([events.event_of_run(run, "retrying")], pipe=pipe)
+    if dispatch:
+        run_dispatch([run])
+    return True

@@ -16,7 +16,7 @@ from django.utils import timezone
 from agentplatform.celery import app
 from agents.models import Agent, Run, RunStatus
 from agents.runs.dispatch import messages_due, run_dispatch
-from agents.runs.finish import attempt_lost, followers_orphaned, lost_worker_error, runs_expire
+from agents.runs.finish import followers_orphaned, runs_expire, worker_lost
 from scheduling.backlog import agent_field, backlog_reset, tier_field
 from scheduling.concurrency import slots_wake
 from scheduling.tiers import Tier
@@ -64,10 +64,9 @@ def sweep_lost_leases() -> tuple[int, int]:
     requeued = failed = 0
     runs = Run.objects.select_related("agent").filter(status=RunStatus.RUNNING, lease_expires_at__lt=timezone.now())
     for run in runs[: settings.SWEEP_BATCH]:
-        retryable = run.attempts <= run.max_retries
-        if attempt_lost(run, error=lost_worker_error(run), backoff=False):
-            requeued += retryable
-            failed += not retryable
+        if worker_lost(run):
+            requeued += run.status == RunStatus.QUEUED
+            failed += run.status == RunStatus.FAILED
     return requeued, failed
 
 

@@ -81,7 +81,7 @@ def test_a_run_stream_carries_its_events_and_ends_with_the_run(events_server):
     client = stream(events_server, f"run={run.pk}", run.submitted_by)
     client.subscribed()
 
-    runs_execute(run_ids=[str(run.pk)], worker="w1", lease_seconds=30)
+    runs_execute(run_ids=[str(run.pk)], worker="w1")
 
     received = client.events_until_end()
     assert [item.event for item in received] == ["started", "succeeded"]

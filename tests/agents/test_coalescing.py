@@ -45,7 +45,7 @@ def agent_input(key: str) -> dict:
 
 def finish_leader(run_id: str, result: dict) -> None:
     """What a worker does with the leader: claim it and record its result."""
-    (run,) = runs_claim(run_ids=[run_id], worker="w1", lease_seconds=30)
+    (run,) = runs_claim(run_ids=[run_id], worker="w1")
     now = timezone.now()
     attempts_record([Attempt(run=run, started_at=now, finished_at=now, run_ms=5, result=result)], held=held_by(run))
 
@@ -129,7 +129,7 @@ def test_followers_finish_with_the_leaders_result(api):
 def test_followers_fail_with_the_error_of_a_leader_out_of_attempts(api):
     leader = leader_in_flight("fails")
     follower = submit(api, {"key": "fails"})
-    (run,) = runs_claim(run_ids=[leader.pk], worker="w1", lease_seconds=30)
+    (run,) = runs_claim(run_ids=[leader.pk], worker="w1")
     now = timezone.now()
 
     error = {"type": "ValueError", "message": "bad", "traceback": ""}

@@ -60,12 +60,40 @@ def test_the_sweeper_requeues_a_run_whose_lease_expired(api):
     assert finished["error"] is None
 
 
-def test_the_sweeper_fails_a_lost_run_that_is_out_of_attempts(api):
-    run = submit(api, "echo", {}, tier="batch")
+def test_a_run_whose_worker_process_is_killed_does_not_spend_the_agents_retries(api):
+    key = uuid.uuid4().hex
+    run = submit(api, "test.count_no_retries", {"key": key, "seconds": 1})
+
+    os.kill(wait_for_pid(key), signal.SIGKILL)
+    finished = wait(api, run["id"], seconds=30)
+
+    assert finished["status"] == "succeeded"
+    assert Run.objects.get(pk=run["id"]).lost_attempts == 1
+    assert counter("done", key) == 1
+
+
+def test_the_sweeper_queues_a_lost_run_again_without_spending_a_retry(api):
+    run = submit(api, "echo", {}, tier="batch")  # echo allows no retry
     wait(api, run["id"])
     Run.objects.filter(pk=run["id"]).update(
         status=RunStatus.RUNNING, attempts=1, worker="gone@host", lease_expires_at=timezone.now() - timedelta(seconds=1)
     )
+
+    report = sweep()
+    finished = wait(api, run["id"])
+
+    assert report.requeued == 1
+    assert finished["status"] == "succeeded"
+    assert Run.objects.get(pk=run["id"]).lost_attempts == 1
+
+
+def test_the_sweeper_fails_a_run_that_lost_too_many_workers(api):
+    run = submit(api, "echo", {}, tier="batch")
+    wait(api, run["id"])
+    Run.objects.filter(pk=run["id"]).update(
+        status=RunStatus.RUNNING, attempts=settings.RUN_LOST_ATTEMPTS_MAX + 1, worker="gone@host",
+        lost_attempts=settings.RUN_LOST_ATTEMPTS_MAX, lease_expires_at=timezone.now() - timedelta(seconds=1),
+    )  # fmt: skip
 
     report = sweep()
 
@@ -73,6 +101,7 @@ def test_the_sweeper_fails_a_lost_run_that_is_out_of_attempts(api):
     assert report.failed == 1
     assert failed.status == RunStatus.FAILED
     assert failed.error["type"] == "WorkerLost"
+    assert failed.lost_attempts == settings.RUN_LOST_ATTEMPTS_MAX
 
 
 def test_runs_queued_when_redis_is_flushed_all_finish_once(api, monkeypatch):

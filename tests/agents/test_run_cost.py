@@ -53,7 +53,7 @@ def test_executing_a_message_costs_two_statements_and_two_redis_round_trips_what
     redis_round_trips.calls.clear()
 
     with CaptureQueriesContext(connection) as queries:
-        runs_execute(run_ids=[str(run.pk) for run in runs], worker="w1", lease_seconds=30)
+        runs_execute(run_ids=[str(run.pk) for run in runs], worker="w1")
 
     # claim (UPDATE … RETURNING), finish (one bulk UPDATE)
     assert len(queries) <= 2, [query["sql"][:80] for query in queries]
