@@ -10,6 +10,8 @@ from django.conf import settings
 from django.db import close_old_connections
 from kombu import Queue
 
+# Registers the worker's `inspect conf` and `inspect report` answers (Flower's worker page) with secrets masked.
+from agentplatform import worker_inspect  # noqa: F401
 from scheduling.tiers import Tier
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "agentplatform.settings")

@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -31,11 +32,43 @@ def env_list(name: str, default: str = "") -> list[str]:
     return [item.strip() for item in os.environ.get(name, default).split(",") if item.strip()]
 
 
-# The default key is for local use only; production sets SECRET_KEY.
-SECRET_KEY = env_str("SECRET_KEY", "insecure-local-only-key-set-SECRET_KEY-in-production")
+def env_header(name: str) -> tuple[str, str] | None:
+    """`Header-Name,value` as Django's (request.META key, value) pair; None when unset."""
+    items = env_list(name)
+    if not items:
+        return None
+    if len(items) != 2:
+        raise ImproperlyConfigured(f"{name} must be a header name and its value separated by a comma")
+    header, value = items
+    key = header.upper().replace("-", "_")
+    return (key if key.startswith("HTTP_") else f"HTTP_{key}", value)
+
+
 DEBUG = env_bool("DEBUG", False)
+# Sessions, CSRF tokens and password-reset links are signed with this key. Only a DEBUG process falls
+# back on a key anyone can read here; any other refuses to start without its own (`make up` generates
+# one and keeps it in DATA_DIR).
+SECRET_KEY = env_str("SECRET_KEY", "")
+if not SECRET_KEY:
+    if not DEBUG:
+        raise ImproperlyConfigured(
+            "SECRET_KEY is not set: set it to a long random string (DEBUG=true runs with a local key instead)"
+        )
+    SECRET_KEY = "insecure-debug-only-key"
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", "127.0.0.1,localhost,[::1],testserver")
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS")
+
+# HTTPS. All off by default: the platform as `make up` runs it answers plain HTTP on loopback. A
+# deployment served over TLS turns them on (`manage.py check --deploy` then has nothing to say).
+SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", False)
+SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", False)
+SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", False)
+SESSION_COOKIE_SECURE = env_bool("SESSION_COOKIE_SECURE", False)
+CSRF_COOKIE_SECURE = env_bool("CSRF_COOKIE_SECURE", False)
+# Behind a proxy that ends TLS: the header it sets on HTTPS requests and that header's value there
+# ("X-Forwarded-Proto,https"). Only for a proxy that always sets or strips the header itself.
+SECURE_PROXY_SSL_HEADER = env_header("SECURE_PROXY_SSL_HEADER")
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -100,6 +133,8 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql" and env_boo
     DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
         "min_size": env_int("DATABASE_POOL_MIN_SIZE", 1),
         "max_size": env_int("DATABASE_POOL_MAX_SIZE", 10),
+        # A request that finds every connection busy for this long fails rather than hangs.
+        "timeout": env_float("DATABASE_POOL_TIMEOUT", 30),
     }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
     # Workers run with "off" (see the Procfile): their run-state writes need not wait for the WAL

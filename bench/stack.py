@@ -10,6 +10,7 @@ every Redis key under the prefix and drops the database, and starts the platform
 import http.client
 import json
 import os
+import secrets
 import signal
 import socket
 import statistics
@@ -34,6 +35,8 @@ PREFIX = f"apbench:{BENCH_ID}:"
 
 def configure(**overrides: str) -> None:
     """Point this process, and every process it starts, at the throw-away database and prefix."""
+    # Settings refuse to load without a key while DEBUG is off; a benchmark signs nothing worth keeping.
+    os.environ.setdefault("SECRET_KEY", secrets.token_urlsafe(50))
     os.environ.update(
         DATABASE_URL=f"{PG_URL}/{DB_NAME}",
         REDIS_KEY_PREFIX=PREFIX,

@@ -1,5 +1,6 @@
 """`make up` as a user runs it: the whole stack on a fresh SQLite file, driven over HTTP only."""
 
+import base64
 import http.client as http_client
 import json
 import os
@@ -25,6 +26,9 @@ ROOT = Path(__file__).resolve().parent.parent
 START_SECONDS = 150
 STOP_SECONDS = 30
 TOKEN_LINE = re.compile(r"API token\s+([0-9a-f]{40})")
+# As on a fresh machine: make up generates the secret key and Flower's credentials.
+GENERATED_BY_MAKE_UP = {"SECRET_KEY", "FLOWER_BASIC_AUTH"}
+FLOWER_LINE = re.compile(r"Flower\s+\S+\s+\(user (\S+), password (\S+)\)")
 # Loopback only: no proxy from the environment.
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -35,9 +39,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def http(method: str, url: str, *, token: str | None = None, body: object = None, timeout: float = 30) -> tuple:
-    """(status, parsed JSON or raw bytes) of one request."""
+def http(
+    method: str,
+    url: str,
+    *,
+    token: str | None = None,
+    basic: str | None = None,
+    body: object = None,
+    timeout: float = 30,
+) -> tuple:
+    """(status, parsed JSON or raw bytes) of one request, with an API token or `user:password` (basic auth)."""
     headers = {"Authorization": f"Token {token}"} if token else {}
+    if basic:
+        headers["Authorization"] = "Basic " + base64.b64encode(basic.encode()).decode()
     data = None
     if body is not None:
         data = json.dumps(body).encode()
@@ -56,7 +70,7 @@ def stack_env(tmp_path: Path, **overrides: str) -> dict[str, str]:
     env = {
         name: value
         for name, value in os.environ.items()
-        if name not in {"DATABASE_URL", "CELERY_BROKER_URL", "MAKEFLAGS", "MFLAGS", "MAKELEVEL"}
+        if name not in {"DATABASE_URL", "CELERY_BROKER_URL", "MAKEFLAGS", "MFLAGS", "MAKELEVEL", *GENERATED_BY_MAKE_UP}
     }
     env.update(
         DATA_DIR=str(tmp_path / "data"),
@@ -147,6 +161,13 @@ class Stack:
             self.fail("make up printed no API token")
         return match.group(1)
 
+    def flower_credentials(self) -> str:
+        """The `user:password` that make up generated for Flower and printed."""
+        match = FLOWER_LINE.search(self.output())
+        if match is None:
+            self.fail("make up printed no Flower credentials")
+        return f"{match.group(1)}:{match.group(2)}"
+
     def wait_until(self, what: str, ready, deadline: float) -> None:
         while not ready():
             if self.process.poll() is not None:
@@ -155,9 +176,9 @@ class Stack:
                 self.fail(f"timed out waiting for {what}")
             time.sleep(0.25)
 
-    def answers(self, url: str) -> bool:
+    def answers(self, url: str, basic: str | None = None) -> bool:
         try:
-            return http("GET", url, timeout=5)[0] == 200
+            return http("GET", url, basic=basic, timeout=5)[0] == 200
         except OSError:
             return False
 
@@ -233,7 +254,8 @@ def serving(stack: Stack) -> None:
     """Wait until the web server and Flower answer and a run goes through a worker."""
     deadline = time.monotonic() + START_SECONDS
     stack.wait_until("the web server", lambda: stack.answers(f"{stack.web}/admin/login/"), deadline)
-    stack.wait_until("Flower", lambda: stack.answers(f"{stack.flower}/healthcheck"), deadline)
+    flower = stack.flower_credentials()
+    stack.wait_until("Flower", lambda: stack.answers(f"{stack.flower}/healthcheck", flower), deadline)
     stack.wait_until("the events server", lambda: stack.answers(f"{stack.events}/admin/login/"), deadline)
     run = stack.run("echo", {"hello": "world"}, deadline)
     assert run["status"] == "succeeded", run
@@ -265,7 +287,12 @@ def test_make_up_serves_the_platform_and_ctrl_c_stops_all_of_it(tmp_path):
         assert run["result"]["top_terms"] == [{"term": "agents", "count": 1}, {"term": "hard", "count": 1}]
         for path in ("/admin/login/", "/api/docs/", "/api/schema/"):
             assert http("GET", f"{stack.web}{path}")[0] == 200, path
-        assert http("GET", f"{stack.flower}/")[0] == 200
+        assert http("GET", f"{stack.flower}/", basic=stack.flower_credentials())[0] == 200
+        assert http("GET", f"{stack.flower}/")[0] == 401
+        # The generated secrets are kept for the next start, readable by their owner alone.
+        data = tmp_path / "data"
+        assert (data / "flower_basic_auth").read_text().strip() == stack.flower_credentials()
+        assert {(data / name).stat().st_mode & 0o777 for name in ("flower_basic_auth", "secret_key")} == {0o600}
         # Run events stream from the events process, to which the web process redirects.
         redirect = http_client.HTTPConnection("127.0.0.1", int(stack.web.rsplit(":", 1)[1]), timeout=10)
         redirect.request("GET", "/api/v1/events/?agent=echo")

@@ -1,15 +1,21 @@
 """Finding, listing and waiting on runs."""
 
 import json
+import logging
 import time
 
+import redis
+from django.db import connection
 from django.db.models import QuerySet
 
 from agentplatform import events
 from agentplatform.redis_client import redis_client
 from agents.models import Run, RunStatus
 
+logger = logging.getLogger(__name__)
+
 WAIT_RECHECK_SECONDS = 5.0
+WAIT_POLL_SECONDS = 0.5
 
 
 def run_visible_to(user) -> QuerySet[Run]:
@@ -30,22 +36,37 @@ def run_list(*, user, agent: str | None = None, status: str | None = None, tier:
 
 
 def run_wait(*, run: Run, timeout: float) -> Run:
-    """Return the run once it is terminal or `timeout` seconds have passed, woken by its events."""
+    """Return the run once it is terminal or `timeout` seconds have passed, woken by its events.
+
+    While it waits it holds no database connection (a pooled one goes back to the pool), so
+    waiters never starve submissions of connections. With Redis unreachable, it reads the row
+    every WAIT_POLL_SECONDS instead.
+    """
     run.refresh_from_db()
     if run.is_terminal or timeout <= 0:
         return run
     deadline = time.monotonic() + timeout
-    next_read = time.monotonic() + WAIT_RECHECK_SECONDS
     pubsub = redis_client().pubsub(ignore_subscribe_messages=True)
     try:
         pubsub.subscribe(events.run_channel(run.pk))
+    except redis.RedisError as exc:
+        logger.warning("waiting on run %s by reading the database: Redis is unreachable (%s)", run.pk, exc)
+        pubsub.close()
+        return _wait_polling(run, deadline)
+    try:
         # The run may have finished between the first read and the subscription.
         run.refresh_from_db()
+        next_read = time.monotonic() + WAIT_RECHECK_SECONDS
         while not run.is_terminal:
+            _connection_released()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            message = pubsub.get_message(timeout=min(remaining, 1.0))
+            try:
+                message = pubsub.get_message(timeout=min(remaining, 1.0))
+            except redis.RedisError as exc:
+                logger.warning("waiting on run %s by reading the database: Redis went away (%s)", run.pk, exc)
+                return _wait_polling(run, deadline)
             woken = message is not None and json.loads(message["data"]).get("status") in RunStatus.terminal()
             # The database is the truth: read it when woken, and now and then in case an event was lost.
             if woken or time.monotonic() >= next_read:
@@ -54,3 +75,21 @@ def run_wait(*, run: Run, timeout: float) -> Run:
     finally:
         pubsub.close()
     return run
+
+
+def _wait_polling(run: Run, deadline: float) -> Run:
+    while not run.is_terminal:
+        _connection_released()
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        time.sleep(min(remaining, WAIT_POLL_SECONDS))
+        run.refresh_from_db()
+    return run
+
+
+def _connection_released() -> None:
+    """Hand this thread's database connection back while it waits; the next read takes one again."""
+    # Inside a transaction the connection holds the transaction's state: it cannot be given back.
+    if not connection.in_atomic_block:
+        connection.close()
