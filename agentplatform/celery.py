@@ -1,4 +1,4 @@
-"""The Celery app: one queue per tier, routes, and worker defaults."""
+"""The Celery app: one queue per tier and one for housekeeping, routes, and worker defaults."""
 
 import os
 from collections.abc import Callable
@@ -16,11 +16,18 @@ from scheduling.tiers import Tier
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "agentplatform.settings")
 
+# The platform's own work (the sweeper, schedule firings) has a queue and a worker of its own: recovery,
+# expiry and escalation must go on while every pool is busy with agent work. No run is ever sent there.
+HOUSEKEEPING_QUEUE = "housekeeping"
+
 app = Celery("agentplatform")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 
 app.conf.update(
-    task_queues=[Queue(tier.queue, routing_key=tier.queue) for tier in Tier],
+    task_queues=[
+        *(Queue(tier.queue, routing_key=tier.queue) for tier in Tier),
+        Queue(HOUSEKEEPING_QUEUE, routing_key=HOUSEKEEPING_QUEUE),
+    ],
     task_default_queue=Tier.STANDARD.queue,
     task_serializer="json",
     accept_content=["json"],
@@ -41,7 +48,11 @@ app.conf.update(
     },
     beat_scheduler="django_celery_beat.schedulers:DatabaseScheduler",
     beat_schedule={
-        "sweep": {"task": "agents.sweep", "schedule": settings.SWEEP_INTERVAL_SECONDS},
+        "sweep": {
+            "task": "agents.sweep",
+            "schedule": settings.SWEEP_INTERVAL_SECONDS,
+            "options": {"queue": HOUSEKEEPING_QUEUE},
+        },
     },
     # Per-task events feed Flower's task views; they cost every task a few publishes, so they are
     # off unless asked for (Flower shows workers and queues either way).

@@ -225,10 +225,14 @@ TIER_BACKLOG_LIMITS = {
 ADMISSION_BATCH_YIELD_FRACTION = env_float("ADMISSION_BATCH_YIELD_FRACTION", 0.5)
 # Retry-After is the excess backlog over the tier's finish rate in this recent window.
 ADMISSION_DRAIN_WINDOW_SECONDS = env_int("ADMISSION_DRAIN_WINDOW_SECONDS", 60)
-# A standard run still queued after this share of its SLA is also dispatched on the critical queue.
+# A standard run still queued after this share of its SLA is also dispatched on the critical queue,
+# as long as the critical pool has idle processes: the Procfile starts the critical worker with this
+# many (escalation counts critical runs queued and running against it).
 ESCALATION_SLA_FRACTION = env_float("ESCALATION_SLA_FRACTION", 0.5)
-# The sweeper: how often it runs, how long a queued run settles before it is checked for a lost
-# message, and how late a message may be before it counts as lost.
+WORKER_CONCURRENCY_CRITICAL = env_int("WORKER_CONCURRENCY_CRITICAL", 4)
+# The sweeper: how often it runs; how long a queued run settles, and then must be found without a
+# message on every pass, before it is sent again; and how old a message's marker may grow before the
+# sweeper reads the broker to see whether the message is still there.
 SWEEP_INTERVAL_SECONDS = env_float("SWEEP_INTERVAL_SECONDS", 5)
 SWEEP_QUEUED_AFTER_SECONDS = env_float("SWEEP_QUEUED_AFTER_SECONDS", 10)
 SWEEP_MESSAGE_OVERDUE_SECONDS = env_float("SWEEP_MESSAGE_OVERDUE_SECONDS", 300)

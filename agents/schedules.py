@@ -22,6 +22,7 @@ from django_celery_beat.models import (
 from django_celery_beat.validators import crontab_validator
 from pydantic import ValidationError
 
+from agentplatform.celery import HOUSEKEEPING_QUEUE
 from agents.errors import RunRejected
 from agents.models import Agent, Run, RunSchedule
 from agents.registry import registry
@@ -33,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 FIRE_SCHEDULE_TASK = "agents.fire_schedule"
 CRON_FIELDS = ("minute", "hour", "day_of_month", "month_of_year", "day_of_week")
-# A firing still undelivered after this long (no critical worker) is dropped; the next one follows.
+# A firing still undelivered after this long (no housekeeping worker) is dropped; the next one follows.
 MIN_FIRING_EXPIRY_SECONDS = 60
 
 
@@ -152,8 +153,9 @@ def schedule_save(*, schedule: RunSchedule) -> RunSchedule:
         task.name = f"run schedule {schedule.pk}: {schedule.name}"
         task.task = FIRE_SCHEDULE_TASK
         task.kwargs = json.dumps({"schedule_id": schedule.pk})
-        # Firing only submits; the run itself goes to its tier's queue.
-        task.queue = Tier.CRITICAL.queue
+        # Firing only submits, on the housekeeping worker, so that it never waits behind agent work; the
+        # run itself goes to its tier's queue.
+        task.queue = HOUSEKEEPING_QUEUE
         task.enabled = schedule.enabled
         task.description = f"Submits a run of {schedule.agent.name!r} for {schedule.owner}."
         if schedule.cron:
@@ -180,6 +182,18 @@ def _crontab_schedule(expression: str) -> CrontabSchedule:
 def _interval_schedule(seconds: int) -> IntervalSchedule:
     spec = {"every": seconds, "period": IntervalSchedule.SECONDS}
     return IntervalSchedule.objects.filter(**spec).first() or IntervalSchedule.objects.create(**spec)
+
+
+def schedules_route_firings() -> int:
+    """Put the beat entries of schedules saved before firings had a queue of their own on the housekeeping
+    queue; returns how many moved."""
+    moved = 0
+    for task in PeriodicTask.objects.filter(task=FIRE_SCHEDULE_TASK).exclude(queue=HOUSEKEEPING_QUEUE):
+        task.queue = HOUSEKEEPING_QUEUE
+        # Through the instance, so that beat's change signal tells running schedulers.
+        task.save(update_fields=["queue"])
+        moved += 1
+    return moved
 
 
 def schedule_delete(*, schedule: RunSchedule) -> None:

@@ -2,9 +2,10 @@
 
 from billiard.einfo import ExceptionWithTraceback
 from billiard.exceptions import WorkerLostError
+from celery.signals import beat_init
 from celery.worker.request import Request
 
-from agentplatform.celery import platform_task
+from agentplatform.celery import HOUSEKEEPING_QUEUE, platform_task
 from agents import schedules
 from agents.runs import execute, recovery
 from agents.runs.dispatch import EXECUTE_RUN_TASK
@@ -38,12 +39,24 @@ def execute_run(self, *run_ids: str) -> None:
     execute.runs_execute(run_ids=run_ids, worker=self.request.hostname)
 
 
-@platform_task(name=SWEEP_TASK, queue=Tier.CRITICAL.queue, soft_time_limit=30, time_limit=60, expires=30)
+@platform_task(
+    name=SWEEP_TASK,
+    queue=HOUSEKEEPING_QUEUE,
+    soft_time_limit=recovery.SWEEP_TIME_LIMIT_SECONDS / 2,
+    time_limit=recovery.SWEEP_TIME_LIMIT_SECONDS,
+    expires=30,
+)
 def sweep(self) -> None:
     recovery.sweep()
 
 
-@platform_task(name=schedules.FIRE_SCHEDULE_TASK, queue=Tier.CRITICAL.queue, soft_time_limit=10, time_limit=20)
+@platform_task(name=schedules.FIRE_SCHEDULE_TASK, queue=HOUSEKEEPING_QUEUE, soft_time_limit=10, time_limit=20)
 def fire_schedule(self, schedule_id: int) -> None:
     # The task id names the firing: a redelivered message submits no second run.
     schedules.schedule_fire(schedule_id=schedule_id, firing_id=self.request.id)
+
+
+@beat_init.connect
+def _firings_on_housekeeping(sender, **kwargs) -> None:
+    # Schedules saved before firings had a queue of their own still name the critical one.
+    schedules.schedules_route_firings()

@@ -21,3 +21,9 @@ def sla_outcome(*, deadline: datetime, started_at: datetime | None, finished_at:
 def escalation_due(*, submitted_at: datetime, sla_seconds: float, fraction: float) -> datetime:
     """When a still-queued run should also be offered to the critical pool."""
     return submitted_at + timedelta(seconds=sla_seconds * fraction)
+
+
+def escalation_room(*, pool_size: int, busy: int) -> int:
+    """How many standard runs may be offered to the critical pool now: its idle processes, `busy` being the
+    critical work it runs or has queued. Escalating more would make critical runs wait behind them."""
+    return max(pool_size - busy, 0)

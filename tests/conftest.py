@@ -14,6 +14,7 @@ from django.test import TransactionTestCase
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
+from agentplatform.celery import HOUSEKEEPING_QUEUE
 from agentplatform.redis_client import redis_client
 from agents.sync import agent_sync_registry
 from scheduling.backlog import backlog_key
@@ -168,8 +169,8 @@ def worker_env() -> dict[str, str]:
     return env
 
 
-def _start_worker(tier: Tier, log_dir: Path) -> tuple[subprocess.Popen, Path]:
-    log = log_dir / f"worker-{tier.value}.log"
+def _start_worker(queue: str, log_dir: Path, concurrency: int = 1) -> tuple[subprocess.Popen, Path]:
+    log = log_dir / f"worker-{queue}.log"
     process = subprocess.Popen(
         [
             sys.executable,
@@ -179,11 +180,11 @@ def _start_worker(tier: Tier, log_dir: Path) -> tuple[subprocess.Popen, Path]:
             "agentplatform",
             "worker",
             "-Q",
-            tier.queue,
+            queue,
             "-n",
-            f"{tier.value}-{os.environ['TEST_RUN_ID']}@%h",
+            f"{queue}-{os.environ['TEST_RUN_ID']}@%h",
             "--concurrency",
-            "2" if tier is Tier.STANDARD else "1",
+            str(concurrency),
             "--prefetch-multiplier",
             "1",
             "--without-gossip",
@@ -201,21 +202,18 @@ def _start_worker(tier: Tier, log_dir: Path) -> tuple[subprocess.Popen, Path]:
     return process, log
 
 
-@pytest.fixture(scope="session")
-def workers(django_db_setup, django_db_blocker, tmp_path_factory) -> Iterator[dict[Tier, subprocess.Popen]]:
-    """One real Celery worker per tier, each consuming only its own queue of this run's Redis prefix."""
-    log_dir = tmp_path_factory.mktemp("workers")
-    started = {tier: _start_worker(tier, log_dir) for tier in Tier}
+def _started(started: dict) -> Iterator[dict]:
+    """Wait until every worker of `started` is ready, yield them by key, and stop them afterwards."""
     deadline = time.monotonic() + WORKER_READY_SECONDS
-    for tier, (process, log) in started.items():
+    for name, (process, log) in started.items():
         while not (log.exists() and " ready." in log.read_text()):
             if process.poll() is not None or time.monotonic() > deadline:
                 for other, _ in started.values():
                     other.kill()
                 text = log.read_text() if log.exists() else "(no log)"
-                pytest.fail(f"{tier.value} worker did not start:\n{text[-3000:]}")
+                pytest.fail(f"{name} worker did not start:\n{text[-3000:]}")
             time.sleep(0.1)
-    yield {tier: process for tier, (process, _) in started.items()}
+    yield {name: process for name, (process, _) in started.items()}
     for process, _ in started.values():
         process.terminate()
     for process, _ in started.values():
@@ -224,3 +222,18 @@ def workers(django_db_setup, django_db_blocker, tmp_path_factory) -> Iterator[di
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@pytest.fixture(scope="session")
+def workers(django_db_setup, django_db_blocker, tmp_path_factory) -> Iterator[dict[Tier, subprocess.Popen]]:
+    """One real Celery worker per tier, each consuming only its own queue of this run's Redis prefix."""
+    log_dir = tmp_path_factory.mktemp("workers")
+    yield from _started({tier: _start_worker(tier.queue, log_dir, 2 if tier is Tier.STANDARD else 1) for tier in Tier})
+
+
+@pytest.fixture(scope="session")
+def housekeeping_worker(django_db_setup, tmp_path_factory) -> Iterator[subprocess.Popen]:
+    """A real worker on the housekeeping queue (the sweeper and schedule firings), as the Procfile runs it."""
+    log_dir = tmp_path_factory.mktemp("housekeeping")
+    for started in _started({HOUSEKEEPING_QUEUE: _start_worker(HOUSEKEEPING_QUEUE, log_dir, 2)}):
+        yield started[HOUSEKEEPING_QUEUE]

@@ -305,7 +305,7 @@ def test_make_up_serves_the_platform_and_ctrl_c_stops_all_of_it(tmp_path):
         events.close()
         # Batch work only gets the CPU that nothing else wants; the other tiers run normally.
         workers = tier_workers(stack)
-        assert set(workers) == {"critical", "standard", "batch"}
+        assert set(workers) == {"critical", "standard", "batch", "housekeeping"}
         assert {os.sched_getscheduler(pid) for pid in workers["batch"]} == {os.SCHED_IDLE}
         assert {os.getpriority(os.PRIO_PROCESS, pid) for pid in workers["batch"]} == {19}
         assert {os.sched_getscheduler(pid) for pid in workers["critical"]} == {os.SCHED_OTHER}

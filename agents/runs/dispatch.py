@@ -5,25 +5,33 @@ one tier, so a batch of a thousand runs costs ten publishes, ten claims and ten 
 while a lone run still goes alone, at once. A batch is cut into messages of even size, so that
 every process of a pool gets its share.
 
-Every dispatched run also gets a marker in one sorted set, scored by when its message is due.
-A worker drops the marker when the message arrives, so a queued run without a marker (Redis
-was flushed or restarted) or with a long-overdue one has no live message, and the sweeper
-dispatches it again. The claim makes an extra message harmless.
+Every dispatched run also gets a marker in one sorted set, scored by when its message is due,
+written before the message is published. A worker drops the markers of a message's runs in the
+round trip that follows its claim, so a marker means that a message for the run is on its way:
+waiting in a queue however long, held by a worker for its countdown, or being delivered again by
+Celery. A message Celery puts back in its queue (its worker process died) gets its markers back.
+The sweeper re-sends a queued run only when neither a marker nor the broker shows a message for it.
 """
 
+import json
 import math
 import time
+from base64 import b64decode
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from functools import lru_cache
 
 import redis
 from django.conf import settings
+from kombu.transport.redis import Channel
 
 from agentplatform.celery import app
 from agentplatform.redis_client import redis_client, redis_key
 from scheduling.tiers import Tier
 
 EXECUTE_RUN_TASK = "agents.execute_run"
+# Messages read from the broker per command while looking for the runs it carries.
+BROKER_READ_CHUNK = 1000
 
 
 def dispatched_key() -> str:
@@ -87,17 +95,78 @@ def run_dispatch(
 
 
 def messages_received(pipe, run_ids: Sequence[str]) -> None:
-    """Queue on `pipe` the removal of the runs' markers: a message for them reached a worker."""
+    """Queue on `pipe` the removal of the runs' markers: a message for them reached a worker, which claimed
+    them first (so a run without a marker that is still queued has no message on its way)."""
     pipe.zrem(dispatched_key(), *run_ids)
 
 
-def message_parked(run_id: str) -> None:
-    """The run waits without a message (for a concurrency slot); the sweeper re-sends one only once overdue."""
-    redis_client().zadd(dispatched_key(), {run_id: time.time()})
+def messages_restored(run_ids: Sequence[str]) -> None:
+    """Celery puts a message back in its queue (the process that took it died): its runs' markers come back
+    with it. Written before the runs are queued again, so that the sweeper never finds them without one."""
+    if run_ids:
+        redis_client().zadd(dispatched_key(), {str(run_id): time.time() for run_id in run_ids})
 
 
 def messages_due(run_ids: Sequence[str]) -> list[float | None]:
-    """For each run id, when its live message is due (epoch seconds), or None if it has none."""
+    """For each run id, when its message is due (epoch seconds), or None if it has no marker."""
     if not run_ids:
         return []
     return redis_client().zmscore(dispatched_key(), list(run_ids))
+
+
+def messages_confirmed(run_ids: Iterable[str], *, marked: Iterable[str] = ()) -> None:
+    """The broker was seen holding messages for `run_ids`: their markers count from now, so that the
+    broker is read again only once they are overdue again; the runs of `marked` get one if they have none."""
+    now = time.time()
+    pipe = redis_client().pipeline(transaction=False)
+    run_ids = list(run_ids)
+    for start in range(0, len(run_ids), BROKER_READ_CHUNK):
+        chunk = {run_id: now for run_id in run_ids[start : start + BROKER_READ_CHUNK]}
+        # Only markers that still exist (a worker may have claimed the run since), and never earlier than
+        # a countdown's due time.
+        pipe.zadd(dispatched_key(), chunk, xx=True, gt=True)
+    marked = list(marked)
+    if marked:
+        pipe.zadd(dispatched_key(), {run_id: now for run_id in marked}, nx=True)
+    pipe.execute()
+
+
+def messages_found() -> set[str]:
+    """The run ids carried by the messages the broker holds: waiting in a tier's queue, or delivered to a
+    worker and not acknowledged yet (held for a countdown, prefetched, or taken by a worker that died,
+    which Celery delivers again once `visibility_timeout` has passed).
+
+    Reads every message, a chunk at a time, so the sweeper calls it only when a marker is overdue or
+    missing. A queue is read from its newest end: messages are pushed there and taken from the other,
+    so a chunk boundary moving under the read repeats messages but never skips one; the unacknowledged
+    ones are read last, since a message taken meanwhile moves there.
+    """
+    client = _broker_client()
+    prefix = settings.REDIS_KEY_PREFIX
+    found: set[str] = set()
+    # Runs are published without a priority, so each tier's queue is one list.
+    for tier in Tier:
+        start = 0
+        while chunk := client.lrange(prefix + tier.queue, start, start + BROKER_READ_CHUNK - 1):
+            found.update(run_id for raw in chunk for run_id in _run_ids(json.loads(raw)))
+            start += len(chunk)
+    for _, raw in client.hscan_iter(prefix + Channel.unacked_key, count=BROKER_READ_CHUNK):
+        payload, _exchange, _routing_key = json.loads(raw)
+        found.update(_run_ids(payload))
+    return found
+
+
+@lru_cache(maxsize=1)
+def _broker_client() -> redis.Redis:
+    return redis.Redis.from_url(settings.CELERY_BROKER_URL)
+
+
+def _run_ids(payload: dict) -> Iterator[str]:
+    """The run ids a broker message carries, if it is a run message (kombu's JSON envelope, base64 body)."""
+    if payload.get("headers", {}).get("task") != EXECUTE_RUN_TASK:
+        return
+    body = payload["body"]
+    if payload.get("properties", {}).get("body_encoding") == "base64":
+        body = b64decode(body)
+    args = json.loads(body)[0]
+    yield from (str(run_id) for run_id in args)

@@ -37,7 +37,7 @@ from agents.models import Agent, Run, RunStatus
 from agents.registry import registry
 from agents.runs.cancellation import cancel_watch
 from agents.runs.context import RunContext
-from agents.runs.dispatch import message_parked, messages_received, run_dispatch
+from agents.runs.dispatch import messages_received, messages_restored, run_dispatch
 from agents.runs.finish import Attempt, attempt_lost, attempts_record, runs_expire, slots_free, worker_lost
 from agents.runs.lease import board, lease_until
 from scheduling.backlog import agent_field, backlog_add, tier_field
@@ -227,7 +227,6 @@ def _with_slots(claimed: list[Run], *, held: Q) -> list[Run]:
         return claimed
     _release(waiting, held=held)
     for run in waiting:
-        message_parked(str(run.pk))
         logger.info("run %s waits for a slot of %s (limit %s)", run.pk, run.agent.name, run.agent.concurrency_limit)
     return [run for run in claimed if run not in waiting]
 
@@ -316,6 +315,7 @@ def message_killed(*, run_ids: Sequence[str], worker: str, pid: int | None, limi
 def message_lost(*, run_ids: Sequence[str], worker: str, pid: int | None) -> None:
     """A pool process died mid-message: its runs go back so that the redelivered message claims them at once."""
     culprit, others = _message_held(run_ids, worker=worker, pid=pid)
+    messages_restored([str(run.pk) for run in [culprit, *others] if run is not None])
     if culprit is not None:
         # Celery delivers the message again: it claims the run, queued again without spending a retry.
         worker_lost(culprit, dispatch=False)

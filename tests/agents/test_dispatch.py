@@ -1,11 +1,20 @@
-"""Run messages: published after commit, carrying the run id only, on the tier's queue."""
+"""Run messages: published after commit, carrying the run id only, on the tier's queue, sent again only
+when they are gone."""
+
+from datetime import timedelta
 
 import pytest
+import redis
 from celery.signals import before_task_publish
 from django.db import connection, transaction
+from django.utils import timezone
 
-from agents.models import Run
+from agents.models import Run, RunStatus
+from agents.runs.dispatch import dispatched_key, run_dispatch
+from agents.runs.execute import runs_execute
+from agents.runs.recovery import sweep
 from agents.runs.submit import RunRequest, run_submit, run_submit_many
+from tests.factories import RunFactory
 
 
 @pytest.fixture
@@ -75,3 +84,26 @@ def test_runs_of_each_tier_travel_on_their_own_queue(transactional_db, user, pub
         "critical": [str(runs[0][0].pk), str(runs[2][0].pk)],
         "batch": [str(runs[1][0].pk), str(runs[3][0].pk)],
     }
+
+
+def test_a_run_claimed_while_the_sweeper_reads_its_marker_is_not_sent_again(
+    transactional_db, published, settings, monkeypatch
+):
+    settings.SWEEP_QUEUED_AFTER_SECONDS = 0
+    run = RunFactory(submitted_at=timezone.now() - timedelta(minutes=1))
+    run_dispatch([run], countdown=60)  # a live message, not due for a while
+    published.clear()
+    command = redis.Redis.execute_command
+
+    def claimed_just_before_the_marker_is_read(self, *args, **options):
+        # A worker claims the run, and drops its marker, between the sweeper's reads.
+        if args[:2] == ("ZMSCORE", dispatched_key()) and Run.objects.filter(pk=run.pk, status="queued").exists():
+            runs_execute(run_ids=[str(run.pk)], worker="elsewhere@host")
+        return command(self, *args, **options)
+
+    monkeypatch.setattr(redis.Redis, "execute_command", claimed_just_before_the_marker_is_read)
+    report = sweep()
+
+    assert Run.objects.get(pk=run.pk).status == RunStatus.SUCCEEDED
+    assert report.redispatched == 0
+    assert published == []

@@ -2,6 +2,7 @@
 
 import os
 import signal
+import time
 import uuid
 from datetime import timedelta
 
@@ -11,6 +12,7 @@ from django.utils import timezone
 
 from agentplatform.redis_client import redis_client, redis_key
 from agents.models import Run, RunStatus
+from agents.runs.dispatch import messages_due, run_dispatch
 from agents.runs.recovery import sweep
 from tests.agents.test_execution import submit, wait, wait_for_status
 from tests.polling import eventually
@@ -20,6 +22,18 @@ pytestmark = pytest.mark.usefixtures("transactional_db", "workers")
 
 def counter(kind: str, key: str) -> int:
     return int(redis_client().get(redis_key("test", kind, key)) or 0)
+
+
+def messages_in_queue(queue: str) -> int:
+    """Messages waiting in a queue's Redis list (not those a worker holds)."""
+    return redis_client().llen(f"{settings.REDIS_KEY_PREFIX}{queue}")
+
+
+@pytest.fixture
+def sweeps_look_at_once(settings):
+    """The sweeper looks at every queued run at once and finds every message's marker overdue."""
+    settings.SWEEP_QUEUED_AFTER_SECONDS = 0
+    settings.SWEEP_MESSAGE_OVERDUE_SECONDS = 0
 
 
 def wait_for_pid(key: str, seconds: float = 10) -> int:
@@ -135,3 +149,76 @@ def test_the_sweeper_leaves_runs_with_a_live_message_alone(api, monkeypatch):
 
     assert report.redispatched == 0
     assert wait(api, queued["id"])["status"] == "succeeded"
+
+
+@pytest.mark.usefixtures("sweeps_look_at_once")
+def test_a_backlog_older_than_the_overdue_time_gets_no_second_message(api):
+    blocker = submit(api, "sleep", {"seconds": 2}, tier="batch")
+    wait_for_status(blocker["id"], RunStatus.RUNNING)
+    lone = [submit(api, "echo", {"n": n}, tier="batch")["id"] for n in range(5)]
+    body = {"runs": [{"agent": "echo", "input": {"n": n}, "tier": "batch"} for n in range(5, 8)]}
+    together = [run["id"] for run in api.post("/api/v1/runs/batch/", body, format="json").json()]
+    waiting = messages_in_queue("batch")
+
+    reports = [sweep() for _ in range(3)]
+
+    assert waiting == 6
+    assert [report.redispatched for report in reports] == [0, 0, 0]
+    assert messages_in_queue("batch") == waiting
+    assert {wait(api, run_id)["status"] for run_id in lone + together} == {"succeeded"}
+
+
+@pytest.mark.usefixtures("sweeps_look_at_once")
+def test_a_run_whose_message_was_deleted_is_sent_again_exactly_once(api):
+    blocker = submit(api, "sleep", {"seconds": 2}, tier="batch")
+    wait_for_status(blocker["id"], RunStatus.RUNNING)
+    key = uuid.uuid4().hex
+    run = submit(api, "test.count", {"key": key}, tier="batch")
+    redis_client().delete(f"{settings.REDIS_KEY_PREFIX}batch")  # the message is gone, its marker is not
+
+    reports = [sweep() for _ in range(3)]
+
+    assert [report.redispatched for report in reports] == [1, 0, 0]
+    assert messages_in_queue("batch") == 1
+    assert wait(api, run["id"])["status"] == "succeeded"
+    assert counter("count", key) == 1
+
+
+@pytest.mark.usefixtures("sweeps_look_at_once")
+def test_a_run_whose_message_a_worker_holds_for_its_countdown_is_not_sent_again(api):
+    key = uuid.uuid4().hex
+    run = Run.objects.get(pk=submit(api, "test.count", {"key": key}, tier="batch", expires_in=600)["id"])
+    wait(api, str(run.pk))
+    Run.objects.filter(pk=run.pk).update(status=RunStatus.QUEUED, attempts=0)
+    redis_client().delete(redis_key("test", "count", key))
+    run_dispatch([run], countdown=1)  # the idle worker takes it at once and holds it until it is due
+    eventually(lambda: messages_in_queue("batch") == 0, what="the worker taking the message")
+    blocker = submit(api, "sleep", {"seconds": 3}, tier="batch")
+    wait_for_status(blocker["id"], RunStatus.RUNNING)
+    eventually(lambda: messages_due([str(run.pk)])[0] < time.time(), what="the countdown's end")
+    assert Run.objects.get(pk=run.pk).status == RunStatus.QUEUED  # due, still held behind the blocker
+
+    report = sweep()
+
+    assert report.redispatched == 0
+    assert messages_in_queue("batch") == 0
+    assert wait(api, str(run.pk))["status"] == "succeeded"
+    assert counter("count", key) == 1
+
+
+def test_runs_whose_worker_process_died_are_not_sent_again_while_celery_delivers_their_message(api, settings):
+    settings.SWEEP_QUEUED_AFTER_SECONDS = 0
+    key = uuid.uuid4().hex
+    run = submit(api, "test.count", {"key": key, "seconds": 2}, tier="batch")
+    pid = wait_for_pid(key)
+    ahead = submit(api, "sleep", {"seconds": 2}, tier="batch")  # the message comes back behind this one
+
+    os.kill(pid, signal.SIGKILL)
+    wait_for_status(run["id"], RunStatus.QUEUED)
+    report = sweep()
+
+    assert report.redispatched == 0
+    assert wait(api, ahead["id"])["status"] == "succeeded"
+    assert wait(api, run["id"], seconds=30)["status"] == "succeeded"
+    assert counter("count", key) == 2  # the attempt killed, and the one its message delivered again
+    assert counter("done", key) == 1

@@ -7,9 +7,11 @@ import sys
 import time
 
 import pytest
+from celery.signals import beat_init
 from django.urls import reverse
 from django_celery_beat.models import PeriodicTask
 
+from agentplatform.celery import HOUSEKEEPING_QUEUE
 from agents.models import Agent, Run, RunSchedule, RunStatus
 from agents.schedules import FIRE_SCHEDULE_TASK, ScheduleInvalid, schedule_delete, schedule_fire, schedule_save
 from agents.tasks import fire_schedule
@@ -60,9 +62,18 @@ def test_saving_a_cron_schedule_creates_an_enabled_periodic_task_with_its_cronta
     assert task.enabled is True
     assert task.task == FIRE_SCHEDULE_TASK
     assert json.loads(task.kwargs) == {"schedule_id": schedule.pk}
-    assert task.queue == Tier.CRITICAL.queue
+    assert task.queue == HOUSEKEEPING_QUEUE  # firing never waits behind agent work
     assert crontab_of(task) == "30 6 * * 1-5"
     assert task.interval is None
+
+
+def test_beat_moves_the_firings_of_schedules_saved_before_onto_the_housekeeping_queue(user):
+    schedule = make_schedule(owner=user, interval_seconds=60)
+    PeriodicTask.objects.filter(pk=schedule.periodic_task_id).update(queue="critical")  # as saved before
+
+    beat_init.send(sender=None)
+
+    assert beat_entry(schedule).queue == HOUSEKEEPING_QUEUE
 
 
 def test_saving_an_interval_schedule_creates_an_enabled_periodic_task_every_so_many_seconds(user):
@@ -339,7 +350,7 @@ def test_a_firing_refused_for_backlog_is_logged_and_submits_nothing(user, settin
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("transactional_db", "workers")
+@pytest.mark.usefixtures("transactional_db", "workers", "housekeeping_worker")
 def test_beat_fires_an_interval_schedule_and_a_worker_runs_each_firing(tmp_path):
     owner = UserFactory()
     schedule = make_schedule(owner=owner, name="every second", input={"beat": True}, interval_seconds=1)

@@ -2,6 +2,7 @@
 
 import time
 import uuid
+from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
@@ -10,10 +11,15 @@ from django.utils import timezone
 
 from agentplatform.redis_client import redis_client, redis_key
 from agents.models import Agent, Run, RunStatus
+from agents.runs.cancellation import run_cancel
 from agents.runs.dispatch import run_dispatch
 from agents.runs.recovery import sweep
+from agents.tasks import sweep as sweep_task
+from scheduling.tiers import Tier
 from tests.agents.test_execution import submit, wait, wait_for_status
 from tests.agents.test_recovery import counter
+from tests.factories import RunFactory
+from tests.polling import eventually
 
 pytestmark = pytest.mark.usefixtures("transactional_db", "workers")
 
@@ -120,6 +126,85 @@ def test_a_standard_run_queued_past_its_escalation_point_is_run_by_the_critical_
     assert finished["escalated_at"] is not None
     assert finished["tier"] == "standard"
     assert Run.objects.get(pk=run["id"]).worker.startswith("critical-")
+
+
+def due_for_escalation(count: int) -> list[Run]:
+    """Standard runs queued past their escalation point (with no message: no worker takes them)."""
+    return [RunFactory(escalate_at=timezone.now() - timedelta(seconds=1)) for _ in range(count)]
+
+
+def critical_work(count: int, status: str) -> list[Run]:
+    """Critical runs holding (running) or waiting for (queued) a process of the critical pool."""
+    lease = {"worker": "critical@elsewhere", "lease_expires_at": timezone.now() + timedelta(minutes=5)}
+    fields = lease if status == RunStatus.RUNNING else {}
+    return [RunFactory(tier=Tier.CRITICAL, status=status, **fields) for _ in range(count)]
+
+
+def test_escalation_takes_no_more_runs_than_the_critical_pool_has_idle_processes(api, settings, published):
+    settings.WORKER_CONCURRENCY_CRITICAL = 4
+    due_for_escalation(10)
+    critical_work(1, RunStatus.RUNNING)
+    critical_work(1, RunStatus.QUEUED)
+
+    report = sweep()
+
+    escalated = Run.objects.filter(tier=Tier.STANDARD, escalated_at__isnull=False)
+    assert report.escalated == 2
+    assert escalated.count() == 2
+    assert sorted(run_id for message in published for run_id in message) == sorted(
+        str(pk) for pk in escalated.values_list("pk", flat=True)
+    )
+
+
+def test_no_run_is_escalated_while_the_critical_pool_is_full(api, settings, published):
+    settings.WORKER_CONCURRENCY_CRITICAL = 3
+    due_for_escalation(5)
+    critical_work(2, RunStatus.RUNNING)
+    critical_work(1, RunStatus.QUEUED)
+
+    report = sweep()
+
+    assert report.escalated == 0
+    assert not Run.objects.filter(escalated_at__isnull=False).exists()
+    assert published == []
+
+
+def test_runs_escalated_earlier_and_still_queued_count_as_critical_work(api, settings):
+    settings.WORKER_CONCURRENCY_CRITICAL = 3
+    for run in due_for_escalation(2):
+        Run.objects.filter(pk=run.pk).update(escalated_at=timezone.now())
+    due_for_escalation(5)
+
+    report = sweep()
+
+    assert report.escalated == 1
+    assert Run.objects.filter(escalated_at__isnull=False).count() == 3
+
+
+@pytest.fixture
+def critical_pool_busy() -> Iterator[tuple[Run, Run]]:
+    """The test critical worker's one process runs a long run, and another waits behind it; both are
+    cancelled afterwards."""
+    sleep = Agent.objects.get(name="sleep")
+    running, behind = (RunFactory(agent=sleep, tier=Tier.CRITICAL, input={"seconds": 60}) for _ in range(2))
+    run_dispatch([running])
+    wait_for_status(running.pk, RunStatus.RUNNING)
+    run_dispatch([behind])
+    yield running, behind
+    for run in (behind, running):
+        run_cancel(run=Run.objects.get(pk=run.pk))
+
+
+@pytest.mark.usefixtures("housekeeping_worker")
+def test_the_sweeper_runs_while_every_critical_process_is_busy(critical_pool_busy):
+    running, behind = critical_pool_busy
+    expired = RunFactory(expires_at=timezone.now() - timedelta(seconds=1))
+
+    sweep_task.delay()
+    eventually(lambda: Run.objects.filter(pk=expired.pk, status=RunStatus.EXPIRED).exists(), what="a sweep pass")
+
+    assert Run.objects.get(pk=running.pk).status == RunStatus.RUNNING
+    assert Run.objects.get(pk=behind.pk).status == RunStatus.QUEUED
 
 
 def test_runs_over_an_agent_concurrency_limit_wait_their_turn(api):
