@@ -115,9 +115,8 @@ def main() -> None:
         print(f"  {name:>12}: {spread}")
     for key in ("p50", "p99"):
         ratio = loaded[key] / idle[key]
-        print(
-            f"  {key} ratio, waiting / idle: {ratio:.2f} (target <= {TARGET_RATIO:g}: {'met' if ratio <= TARGET_RATIO else 'NOT met'})"
-        )  # noqa: E501
+        verdict = "met" if ratio <= TARGET_RATIO else "NOT met"
+        print(f"  {key} ratio, waiting / idle: {ratio:.2f} (target <= {TARGET_RATIO:g}: {verdict})")
     print(f"waits answered: {waiters.answers}, failed: {len(waiters.failures)}")
     for failure in waiters.failures[:5]:
         print(f"  {failure}")
