@@ -200,6 +200,8 @@ AGENT_MODULES = env_list("AGENT_MODULES")
 RUN_MAX_INPUT_BYTES = env_int("RUN_MAX_INPUT_BYTES", 1024 * 1024)
 RUN_BATCH_MAX_ITEMS = env_int("RUN_BATCH_MAX_ITEMS", 1000)
 RUN_BATCH_MAX_BYTES = env_int("RUN_BATCH_MAX_BYTES", 16 * 1024 * 1024)
+# Deepest nesting of arrays and objects in a run's input (the input object itself is level 1).
+RUN_INPUT_MAX_DEPTH = env_int("RUN_INPUT_MAX_DEPTH", 64)
 RUN_WAIT_MAX_SECONDS = env_float("RUN_WAIT_MAX_SECONDS", 30)
 # Runs dispatched together travel together: one message carries up to this many run ids of one tier.
 RUN_MESSAGE_MAX_RUNS = env_int("RUN_MESSAGE_MAX_RUNS", 100)
@@ -223,6 +225,8 @@ TIER_BACKLOG_LIMITS = {
 }
 # Batch is refused while critical or standard is past this share of its limit, so batch hits its limit first.
 ADMISSION_BATCH_YIELD_FRACTION = env_float("ADMISSION_BATCH_YIELD_FRACTION", 0.5)
+# One user's queued runs of a tier may fill at most this share of the tier's limit, so others still get in.
+BACKLOG_USER_SHARE = env_float("BACKLOG_USER_SHARE", 0.5)
 # Retry-After is the excess backlog over the tier's finish rate in this recent window.
 ADMISSION_DRAIN_WINDOW_SECONDS = env_int("ADMISSION_DRAIN_WINDOW_SECONDS", 60)
 # A standard run still queued after this share of its SLA is also dispatched on the critical queue,
@@ -245,8 +249,9 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = max(RUN_MAX_INPUT_BYTES, RUN_BATCH_MAX_BYTES) + 64
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        # Token first, so that a request without credentials answers 401 with WWW-Authenticate.
-        "rest_framework.authentication.TokenAuthentication",
+        # Token first, so that a request without credentials answers 401 with WWW-Authenticate. The
+        # token's query also reads the critical-tier permission, for submissions.
+        "agents.api.authentication.CriticalAwareTokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
@@ -283,4 +288,8 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "agents.api.schema.request_bodies_as_validated",
+    ],
 }

@@ -15,6 +15,18 @@ class PayloadTooLarge(RunRejected):
     status_code = 413
 
 
+class TierNotPermitted(RunRejected):
+    """The caller lacks the permission that the requested tier needs."""
+
+    status_code = 403
+
+
+class IdempotencyConflict(RunRejected):
+    """An idempotency key already names a run of another agent, input or tier; `errors` names that run."""
+
+    status_code = 409
+
+
 class RunNotCancellable(Exception):
     """The run already finished."""
 

@@ -144,6 +144,8 @@ class Run(models.Model):
 
     class Meta:
         ordering = ["-submitted_at"]
+        # Granted in the admin to users or groups; staff always have it.
+        permissions = [("submit_critical", "Can submit runs to the critical tier")]
         constraints = [
             models.UniqueConstraint(
                 fields=["submitted_by", "idempotency_key"],

@@ -46,14 +46,48 @@ class AgentSpec:
     cache_ttl: int = 0
     # Agent topics this agent reacts to: the dispatcher submits one run per message, the message as input.
     topics: tuple[str, ...] = ()
+    # Input fields the models do not declare are refused, unless one of the models chose for itself
+    # (`extra` in its model_config): then every model's own choice stands.
+    refuse_undeclared_fields: bool = True
 
     @property
     def input_schema(self) -> dict[str, Any]:
-        return self.input_model.model_json_schema()
+        schema = self.input_model.model_json_schema()
+        return _closed(schema) if self.refuse_undeclared_fields else schema
 
     def parse_input(self, data: Any) -> BaseModel:
-        """Validate raw input against the declared schema (raises pydantic.ValidationError)."""
-        return self.input_model.model_validate(data)
+        """Validate raw input against the declared schema (raises pydantic.ValidationError).
+
+        A field the schema does not declare is an error (`extra_forbidden`), unless the models say otherwise.
+        """
+        return self.input_model.model_validate(data, extra="forbid" if self.refuse_undeclared_fields else None)
+
+
+def declares_extra(model: type[BaseModel]) -> bool:
+    """Whether the model, or a model nested in its fields, sets `extra` in its model_config."""
+    # The core schema holds every nested model inline, each with its own config.
+    stack: list[Any] = [model.__pydantic_core_schema__]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if node.get("type") == "model" and "extra_fields_behavior" in node.get("config", {}):
+                return True
+            stack.extend(value for key, value in node.items() if key != "metadata")
+        elif isinstance(node, list | tuple):
+            stack.extend(node)
+    return False
+
+
+def _closed(schema: Any) -> Any:
+    """A JSON Schema whose objects with declared properties admit no others (what parse_input enforces)."""
+    if isinstance(schema, list):
+        return [_closed(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    closed = {key: _closed(value) for key, value in schema.items()}
+    if closed.get("type") == "object" and isinstance(closed.get("properties"), dict):
+        closed.setdefault("additionalProperties", False)
+    return closed
 
 
 class AgentRegistry:
@@ -158,6 +192,7 @@ def agent(
                 max_retries=int(max_retries),
                 cache_ttl=int(cache_ttl),
                 topics=tuple(topics),
+                refuse_undeclared_fields=not declares_extra(input),
             )
         )
         return func

@@ -23,7 +23,9 @@ from scheduling.tiers import Tier
 DEFAULT_WINDOW = timedelta(hours=1)
 MAX_WINDOW = timedelta(days=7)
 WINDOW_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-WINDOW_PATTERN = re.compile(r"(\d+)([smhd])")
+WINDOW_PATTERN = re.compile(r"([0-9]+)([smhd])")
+# The same, as the OpenAPI schema states it.
+WINDOW_SCHEMA_PATTERN = r"^[0-9]+[smhd]$"
 PERCENTILES = {"p50": 0.5, "p95": 0.95, "p99": 0.99}
 LATENCY_FIELDS = ("queue_wait_ms", "run_ms")
 
@@ -83,15 +85,19 @@ def percentile_cont(values: Sequence[float], fraction: float) -> float | None:
 
 def parse_window(text: str) -> timedelta:
     """`30s`, `15m`, `1h`, `1d` as a timedelta of at least a second and at most MAX_WINDOW; ValueError otherwise."""
-    match = WINDOW_PATTERN.fullmatch(text.strip())
+    match = WINDOW_PATTERN.fullmatch(text)
     if match is None:
         raise ValueError(f"{text!r} is not a window; give a whole number and a unit: 30s, 15m, 1h or 1d.")
-    window = timedelta(seconds=int(match[1]) * WINDOW_UNITS[match[2]])
-    if window <= timedelta(0):
-        raise ValueError("The window must be at least 1s.")
-    if window > MAX_WINDOW:
+    # Compared as a number first: a timedelta of 10^20 seconds would overflow.
+    number = match[1].lstrip("0")
+    if len(number) > len(str(int(MAX_WINDOW.total_seconds()))):
         raise ValueError(f"The window must be at most {MAX_WINDOW.days}d.")
-    return window
+    seconds = int(number or 0) * WINDOW_UNITS[match[2]]
+    if seconds <= 0:
+        raise ValueError("The window must be at least 1s.")
+    if seconds > MAX_WINDOW.total_seconds():
+        raise ValueError(f"The window must be at most {MAX_WINDOW.days}d.")
+    return timedelta(seconds=seconds)
 
 
 def run_stats(*, runs: QuerySet[Run], window: timedelta = DEFAULT_WINDOW, now: datetime | None = None) -> RunStats:

@@ -54,3 +54,18 @@ def admission_check(
                 f"{yield_fraction:.0%} of its limit.",
                 retry_after=backlog.retry_after(0),
             )
+
+
+def share_limit(*, tier_limit: int, share: float) -> int:
+    """How many queued runs of a tier one user may hold: `share` of the tier's limit, at least one."""
+    return max(1, math.floor(tier_limit * share))
+
+
+def share_check(*, tier: Tier, incoming: int, backlog: Backlog, share: float) -> None:
+    """Raise AdmissionRefused if `incoming` runs would put one user's queued runs (`backlog`) over their share."""
+    if backlog.queued + incoming > backlog.limit:
+        raise AdmissionRefused(
+            f"your {tier.value} backlog is {backlog.queued} runs; each user's share is {share * 100:g}% of the "
+            f"tier's limit, {backlog.limit} runs.",
+            retry_after=backlog.retry_after(incoming),
+        )

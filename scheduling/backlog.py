@@ -1,8 +1,9 @@
-"""Queued runs per tier and per agent, counted in Redis so that admission never counts rows.
+"""Queued runs per tier, per agent and per user, counted in Redis so that admission never counts rows.
 
-One hash, `<prefix>backlog`, holds a counter per tier (`tier:<name>`) and per agent
-(`agent:<name>`). A submission reserves its runs' places as it is admitted (and gives them back
-if its runs are not stored); a claim takes away the runs it starts, in a pipeline it sends anyway.
+One hash, `<prefix>backlog`, holds a counter per tier (`tier:<name>`), per agent (`agent:<name>`)
+and per user and tier (`user:<id>:<tier>`, for each user's share of the tier). A submission
+reserves its runs' places as it is admitted (and gives them back if its runs are not stored); a
+claim takes away the runs it starts, in a pipeline it sends anyway.
 The rarer ways out of the queue (cancellation, expiry, a run turning follower) are not counted as
 they happen: the sweeper sets every counter to the database's count on each pass, so the
 counters drift for seconds at most.
@@ -31,6 +32,17 @@ def agent_field(agent: str) -> str:
     return f"agent:{agent}"
 
 
+def user_field(user: object, tier: str) -> str:
+    return f"user:{user}:{tier}"
+
+
+def backlog_fields(*, tier: str, agent: str, user: object | None) -> tuple[str, ...]:
+    """The counters one queued run counts in: its tier's, its agent's and (if it has one) its submitter's."""
+    if user is None:
+        return tier_field(tier), agent_field(agent)
+    return tier_field(tier), agent_field(agent), user_field(user, tier)
+
+
 def backlog_reserve(deltas: Counter[str], *, also: Iterable[str] = ()) -> dict[str, int] | None:
     """Add `deltas` and read the counters, in one round trip: each counter as it stood before the
     addition, for the fields of `deltas` and of `also`. None when Redis cannot say (nothing added)."""
@@ -43,8 +55,9 @@ def backlog_reserve(deltas: Counter[str], *, also: Iterable[str] = ()) -> dict[s
             pipe.hget(backlog_key(), field)
     try:
         values = pipe.execute()
-    except redis.RedisError:
-        logger.exception("could not reserve places in the backlog; admitting without counting them")
+    except redis.RedisError as exc:
+        # Admission fails open: a submission is stored without Redis, and the sweeper recounts.
+        logger.warning("could not reserve places in the backlog (%s); admitting without counting them", exc)
         return None
     return {field: max(int(value or 0) - deltas.get(field, 0), 0) for field, value in zip(fields, values, strict=True)}
 
@@ -55,8 +68,8 @@ def backlog_release(deltas: Counter[str]) -> None:
     backlog_add(pipe, Counter({field: -delta for field, delta in deltas.items()}))
     try:
         pipe.execute()
-    except redis.RedisError:
-        logger.exception("could not release a backlog reservation")
+    except redis.RedisError as exc:
+        logger.warning("could not release a backlog reservation (%s); the sweeper recounts it", exc)
 
 
 def backlog_add(pipe: redis.client.Pipeline, deltas: Counter[str]) -> None:

@@ -60,8 +60,8 @@ def rate_take(*, who: object, runs: int, rate: Rate) -> None:
     pipe.get(previous)
     try:
         counted, _, before = pipe.execute()
-    except redis.RedisError:
-        logger.exception("could not count a submission against its rate; letting it in")
+    except redis.RedisError as exc:
+        logger.warning("could not count a submission against its rate (%s); letting it in", exc)
         return
     overlap = 1 - into / rate.seconds
     seen = counted + int(before or 0) * overlap
@@ -69,8 +69,8 @@ def rate_take(*, who: object, runs: int, rate: Rate) -> None:
         return
     try:
         client.decrby(current, runs)
-    except redis.RedisError:
-        logger.exception("could not give back refused runs to their rate")
+    except redis.RedisError as exc:
+        logger.warning("could not give back refused runs to their rate (%s)", exc)
     # The last window's share shrinks as time passes: wait until enough of it has gone.
     excess = seen - rate.runs
     wait = rate.seconds - into if not before else min(rate.seconds - into, excess / int(before) * rate.seconds)

@@ -1,14 +1,45 @@
+from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
 from django.utils import timezone
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from agents.models import Agent, Run, RunStatus
-from agents.runs.submit import RunRequest
-from agents.stats import parse_window
+from agents.models import Agent, Run, RunStatus, SlaMiss
+from agents.runs.submit import MAX_EXPIRES_IN_SECONDS, RunRequest
+from agents.stats import WINDOW_SCHEMA_PATTERN, parse_window
 from scheduling.tiers import Tier
+
+
+class KnownFieldsSerializer(serializers.Serializer):
+    """A request body whose unknown fields answer 400 naming them, instead of being ignored.
+
+    A misspelt optional field (`expire_in`) would otherwise be dropped silently, and the caller
+    would never learn that the run does not expire.
+    """
+
+    def to_internal_value(self, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            unknown = sorted(set(data) - set(self.fields))
+            if unknown:
+                known = ", ".join(self.fields)
+                raise serializers.ValidationError(
+                    {name: [f"Unknown field; the fields are {known}."] for name in unknown}
+                )
+        return super().to_internal_value(data)
+
+
+@extend_schema_field(OpenApiTypes.OBJECT)
+class JSONObjectField(serializers.JSONField):
+    """A JSON object, taken as parsed: the service checks that it is one, that it can be stored, and
+    what the agent's schema makes of it, naming the place of each problem."""
+
+    def to_internal_value(self, data: Any) -> Any:
+        # JSONField would encode the whole input once more only to answer "Value must be valid JSON.".
+        return data
 
 
 class AgentSerializer(serializers.ModelSerializer):
@@ -29,14 +60,30 @@ class AgentSerializer(serializers.ModelSerializer):
         ]
 
 
-class RunSubmitSerializer(serializers.Serializer):
+class RunSubmitSerializer(KnownFieldsSerializer):
     agent = serializers.CharField(max_length=100)
-    input = serializers.JSONField(help_text="A JSON object matching the agent's input_schema.")
-    tier = serializers.ChoiceField(choices=Tier.choices, required=False, help_text="Defaults to the agent's tier.")
-    idempotency_key = serializers.CharField(max_length=200, required=False)
+    input = JSONObjectField(
+        help_text="A JSON object matching the agent's input_schema: no fields it does not declare, "
+        f"nested at most {settings.RUN_INPUT_MAX_DEPTH} levels, no NUL characters."
+    )
+    tier = serializers.ChoiceField(
+        choices=Tier.choices,
+        required=False,
+        help_text="Defaults to the agent's tier. critical needs the permission agents.submit_critical (staff have "
+        "it); without it, a run of an agent whose tier is critical is placed on standard.",
+    )
+    idempotency_key = serializers.CharField(
+        max_length=200,
+        required=False,
+        help_text="A repeat of the same request answers 200 with the first run; the same key with another agent, "
+        "input or tier answers 409.",
+    )
     deadline = serializers.DateTimeField(required=False, help_text="Finish by then; the agent's SLA if earlier.")
     expires_in = serializers.FloatField(
-        required=False, min_value=0.001, help_text="Seconds after which a run that has not started ends expired."
+        required=False,
+        min_value=0.001,
+        max_value=MAX_EXPIRES_IN_SECONDS,
+        help_text="Seconds after which a run that has not started ends expired (at most 30 days).",
     )
     expires_at = serializers.DateTimeField(required=False, help_text="A run not started by then ends expired.")
     cache = serializers.ChoiceField(
@@ -48,8 +95,19 @@ class RunSubmitSerializer(serializers.Serializer):
         return RunRequest(**self.validated_data)
 
 
-class RunBatchSerializer(serializers.Serializer):
+class RunBatchSerializer(KnownFieldsSerializer):
     runs = RunSubmitSerializer(many=True, allow_empty=False, max_length=settings.RUN_BATCH_MAX_ITEMS)
+
+    def to_internal_value(self, data: Any) -> Any:
+        try:
+            return super().to_internal_value(data)
+        except serializers.ValidationError as exc:
+            # Items' errors keyed by index, as the service names them ({"runs": {"3": {...}}}), not
+            # a list holding an empty object for every valid item.
+            runs = exc.detail.get("runs") if isinstance(exc.detail, dict) else None
+            if isinstance(runs, list) and runs and all(isinstance(item, dict) for item in runs):
+                exc.detail["runs"] = {str(index): errors for index, errors in enumerate(runs) if errors}
+            raise
 
     def to_requests(self) -> list[RunRequest]:
         return [RunRequest(**item) for item in self.validated_data["runs"]]
@@ -59,6 +117,10 @@ class RunSerializer(serializers.ModelSerializer):
     agent = serializers.CharField(source="agent.name")
     parent = serializers.UUIDField(source="parent_id", allow_null=True)
     follows = serializers.UUIDField(source="follows_id", allow_null=True)
+    sla_miss = serializers.ChoiceField(
+        choices=[("", "None"), *SlaMiss.choices],
+        help_text="For a missed SLA, the part that overran: queue_wait or run_time; empty otherwise.",
+    )
 
     class Meta:
         model = Run
@@ -151,12 +213,23 @@ class RunWaitQuerySerializer(serializers.Serializer):
     )
 
 
+class WindowField(serializers.RegexField):
+    def get_value(self, dictionary: Mapping) -> Any:
+        # DRF reads an empty query parameter as absent (the default); `?window=` is a mistake to name.
+        if dictionary.get(self.field_name) == "":
+            return ""
+        return super().get_value(dictionary)
+
+
 class StatsQuerySerializer(serializers.Serializer):
-    window = serializers.CharField(
+    window = WindowField(
+        regex=WINDOW_SCHEMA_PATTERN,
         required=False,
         default="1h",
+        trim_whitespace=False,
+        error_messages={"invalid": "Give a whole number and a unit: 30s, 15m, 1h or 1d."},
         help_text="How far back to count runs by submission time: a whole number and a unit, "
-        "e.g. 30s, 15m, 1h, 1d (at most 7d).",
+        "e.g. 30s, 15m, 1h, 1d (at least 1s, at most 7d).",
     )
 
     def validate_window(self, value: str) -> timedelta:

@@ -3,13 +3,23 @@ import functools
 from django.conf import settings
 from django.db.models import QuerySet
 from django.shortcuts import get_object_or_404
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import OpenApiExample, OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import generics, status
+from rest_framework.exceptions import NotFound
 from rest_framework.pagination import PageNumberPagination
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from agents.api.parsers import BoundedJSONParser
+from agents.api.schema import (
+    BAD_QUERY,
+    DETAIL,
+    NOT_AUTHENTICATED,
+    NOT_FOUND,
+    RETRY_AFTER,
+    SUBMIT_ERRORS,
+)
 from agents.api.serializers import (
     AgentSerializer,
     RunBatchSerializer,
@@ -22,6 +32,7 @@ from agents.api.serializers import (
 )
 from agents.errors import PayloadTooLarge
 from agents.models import Agent, Run
+from agents.registry import AGENT_NAME_PATTERN
 from agents.runs.cancellation import run_cancel
 from agents.runs.selectors import run_list, run_visible_to, run_wait
 from agents.runs.submit import run_submit, run_submit_many
@@ -43,6 +54,7 @@ def visible_run(request: Request, run_id) -> Run:
     return get_object_or_404(run_visible_to(request.user), pk=run_id)
 
 
+@extend_schema(responses={200: AgentSerializer(many=True), 401: NOT_AUTHENTICATED, 404: NOT_FOUND})
 class AgentListView(generics.ListAPIView):
     """Agents that accept runs, with their tunables and input schema."""
 
@@ -50,10 +62,28 @@ class AgentListView(generics.ListAPIView):
     queryset = Agent.objects.filter(registered=True).order_by("name")
 
 
+@extend_schema(
+    parameters=[
+        OpenApiParameter(
+            "name",
+            str,
+            OpenApiParameter.PATH,
+            pattern=AGENT_NAME_PATTERN.pattern,
+            examples=[OpenApiExample("echo", value="echo")],
+        )
+    ],
+    responses={200: AgentSerializer, 401: NOT_AUTHENTICATED, 404: NOT_FOUND},
+)
 class AgentDetailView(generics.RetrieveAPIView):
     serializer_class = AgentSerializer
     queryset = Agent.objects.filter(registered=True)
     lookup_field = "name"
+
+    def get_object(self) -> Agent:
+        # Not a name an agent can have (a NUL would not even reach the database): no such agent.
+        if not AGENT_NAME_PATTERN.match(self.kwargs["name"]):
+            raise NotFound("No such agent.")
+        return super().get_object()
 
 
 class RunPagination(PageNumberPagination):
@@ -74,30 +104,62 @@ def count_against_rate(request: Request, runs: int) -> None:
 class RunListCreateView(generics.ListAPIView):
     serializer_class = RunSerializer
     pagination_class = RunPagination
+    parser_classes = [BoundedJSONParser]
 
     def get_queryset(self) -> QuerySet[Run]:
         query = RunListQuerySerializer(data=self.request.query_params)
         query.is_valid(raise_exception=True)
         return run_list(user=self.request.user, **query.validated_data)
 
-    @extend_schema(parameters=[RunListQuerySerializer])
+    @extend_schema(
+        parameters=[RunListQuerySerializer],
+        responses={200: RunSerializer(many=True), 400: BAD_QUERY, 401: NOT_AUTHENTICATED, 404: NOT_FOUND},
+    )
     def get(self, request: Request, *args, **kwargs) -> Response:
         """Your runs (all runs for staff), newest first."""
         return super().get(request, *args, **kwargs)
 
-    @extend_schema(request=RunSubmitSerializer, responses={201: RunSerializer, 200: RunSerializer})
+    @extend_schema(
+        request=RunSubmitSerializer,
+        parameters=[RETRY_AFTER],
+        examples=[
+            OpenApiExample(
+                "text_stats",
+                value={"agent": "text_stats", "input": {"text": "Agents run. Workers work."}, "expires_in": 600},
+                request_only=True,
+            )
+        ],
+        responses={
+            201: OpenApiResponse(RunSerializer, description="The run, queued (or answered from the result cache)."),
+            200: OpenApiResponse(RunSerializer, description="The run first submitted with this idempotency key."),
+            **SUBMIT_ERRORS,
+        },
+    )
     def post(self, request: Request) -> Response:
         """Submit a run. A repeated idempotency_key answers 200 with the first run."""
         refuse_oversized(request, settings.RUN_MAX_INPUT_BYTES + ENVELOPE_BYTES)
         body = RunSubmitSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         count_against_rate(request, 1)
-        run, created = run_submit(user=request.user, request=body.to_request())
+        run, created = run_submit(user=request.user, request=body.to_request(), as_caller=True)
         return Response(RunSerializer(run).data, status=status.HTTP_201_CREATED if created else status.HTTP_200_OK)
 
 
 class RunBatchView(APIView):
-    @extend_schema(request=RunBatchSerializer, responses={201: RunSerializer(many=True)})
+    parser_classes = [BoundedJSONParser]
+
+    @extend_schema(
+        request=RunBatchSerializer,
+        parameters=[RETRY_AFTER],
+        examples=[
+            OpenApiExample(
+                "two agents",
+                value={"runs": [{"agent": "echo", "input": {"n": 1}}, {"agent": "factorize", "input": {"n": 91}}]},
+                request_only=True,
+            )
+        ],
+        responses={201: RunSerializer(many=True), **SUBMIT_ERRORS},
+    )
     def post(self, request: Request) -> Response:
         """Submit up to RUN_BATCH_MAX_ITEMS runs in one transaction; one invalid item rejects them all."""
         refuse_oversized(request, settings.RUN_BATCH_MAX_BYTES)
@@ -105,12 +167,15 @@ class RunBatchView(APIView):
         body.is_valid(raise_exception=True)
         requests = body.to_requests()
         count_against_rate(request, len(requests))
-        outcome = run_submit_many(user=request.user, requests=requests)
+        outcome = run_submit_many(user=request.user, requests=requests, as_caller=True)
         return Response(RunSerializer([run for run, _ in outcome], many=True).data, status=status.HTTP_201_CREATED)
 
 
 class RunDetailView(APIView):
-    @extend_schema(parameters=[RunWaitQuerySerializer], responses=RunSerializer)
+    @extend_schema(
+        parameters=[RunWaitQuerySerializer],
+        responses={200: RunSerializer, 400: BAD_QUERY, 401: NOT_AUTHENTICATED, 404: NOT_FOUND},
+    )
     def get(self, request: Request, run_id) -> Response:
         """One run; with ?wait=N, answers as soon as it is finished or N seconds have passed."""
         query = RunWaitQuerySerializer(data=request.query_params)
@@ -120,7 +185,18 @@ class RunDetailView(APIView):
 
 
 class RunCancelView(APIView):
-    @extend_schema(request=None, responses={200: RunSerializer, 409: None})
+    @extend_schema(
+        request=None,
+        responses={
+            200: RunSerializer,
+            401: NOT_AUTHENTICATED,
+            404: NOT_FOUND,
+            409: OpenApiResponse(
+                {**DETAIL, "properties": {**DETAIL["properties"], "status": {"type": "string"}}},
+                description="The run already finished; `status` says how.",
+            ),
+        },
+    )
     def post(self, request: Request, run_id) -> Response:
         """Cancel a queued or running run; 409 if it already finished."""
         run = run_cancel(run=visible_run(request, run_id))
@@ -128,7 +204,10 @@ class RunCancelView(APIView):
 
 
 class StatsView(APIView):
-    @extend_schema(parameters=[StatsQuerySerializer], responses=StatsSerializer)
+    @extend_schema(
+        parameters=[StatsQuerySerializer],
+        responses={200: StatsSerializer, 400: BAD_QUERY, 401: NOT_AUTHENTICATED},
+    )
     def get(self, request: Request) -> Response:
         """Per tier and per agent, over your runs (all runs for staff) submitted within the window:
         runs by status, SLA compliance, queue-wait and run-time percentiles, and the backlog queued now."""

@@ -40,7 +40,7 @@ from agents.runs.context import RunContext
 from agents.runs.dispatch import messages_received, messages_restored, run_dispatch
 from agents.runs.finish import Attempt, attempt_lost, attempts_record, runs_expire, slots_free, worker_lost
 from agents.runs.lease import board, lease_until
-from scheduling.backlog import agent_field, backlog_add, tier_field
+from scheduling.backlog import backlog_add, backlog_fields
 from scheduling.concurrency import slot_acquire, slot_wait
 
 logger = logging.getLogger(__name__)
@@ -125,8 +125,8 @@ def _received(run_ids: Sequence[str], claimed: Sequence[Run]) -> None:
 def _backlog_change(runs: Sequence[Run], each: int) -> Counter[str]:
     change: Counter[str] = Counter()
     for run in runs:
-        change[tier_field(run.tier)] += each
-        change[agent_field(run.agent.name)] += each
+        for field in backlog_fields(tier=run.tier, agent=run.agent.name, user=run.submitted_by_id):
+            change[field] += each
     return change
 
 

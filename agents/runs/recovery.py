@@ -22,7 +22,7 @@ from agentplatform.redis_client import redis_client, redis_key
 from agents.models import IN_FLIGHT, Agent, Run, RunStatus
 from agents.runs.dispatch import messages_confirmed, messages_due, messages_found, run_dispatch
 from agents.runs.finish import followers_orphaned, runs_expire, worker_lost
-from scheduling.backlog import agent_field, backlog_reset, tier_field
+from scheduling.backlog import agent_field, backlog_reset, tier_field, user_field
 from scheduling.concurrency import slots_wake, waiters_key
 from scheduling.sla import escalation_room
 from scheduling.tiers import Tier
@@ -247,4 +247,7 @@ def backlog_recount() -> None:
     counts = {tier_field(tier): total for tier, total in queued.values_list("tier").annotate(total=Count("pk"))}
     for name, total in queued.values_list("agent__name").annotate(total=Count("pk")):
         counts[agent_field(name)] = total
+    by_user = queued.filter(submitted_by__isnull=False).values_list("submitted_by", "tier").annotate(total=Count("pk"))
+    for user, tier, total in by_user:
+        counts[user_field(user, tier)] = total
     backlog_reset(counts)

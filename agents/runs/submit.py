@@ -1,8 +1,11 @@
 """Submitting runs: validation, the result cache, coalescing, admission, one insert and one dispatch."""
 
 import contextlib
+import functools
 import json
 import logging
+import math
+import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -17,18 +20,31 @@ from pydantic import ValidationError
 
 from agentplatform import events
 from agentplatform.redis_client import redis_client
-from agents.errors import PayloadTooLarge, RunRejected
+from agents.errors import IdempotencyConflict, PayloadTooLarge, RunRejected, TierNotPermitted
 from agents.models import Agent, Run, RunStatus
 from agents.registry import registry
 from agents.runs.coalescing import followed_settle, runs_follow_inflight, runs_lead
 from agents.runs.dispatch import run_dispatch
 from agents.runs.finish import runs_answer_from_cache
-from scheduling.admission import HIGHER_TIERS, AdmissionRefused, Backlog, admission_check
-from scheduling.backlog import agent_field, backlog_release, backlog_reserve, tier_field
+from scheduling.admission import HIGHER_TIERS, AdmissionRefused, Backlog, admission_check, share_check, share_limit
+from scheduling.backlog import agent_field, backlog_fields, backlog_release, backlog_reserve, tier_field, user_field
 from scheduling.sla import escalation_due, run_deadline
 from scheduling.tiers import Tier
 
 logger = logging.getLogger(__name__)
+
+# Longest `expires_in` a caller may give: beyond it, ask for no expiry.
+MAX_EXPIRES_IN_SECONDS = 30 * 86400
+# Submitting to the critical tier is a permission (granted in the admin, to users or groups); staff have it.
+CRITICAL_PERMISSION = "agents.submit_critical"
+# Where the API's authentication leaves the answer, so that a submission need not ask the database.
+CRITICAL_PERMISSION_ATTRIBUTE = "may_submit_critical"
+
+# What PostgreSQL's jsonb (NUL) and every UTF-8 encoder (half of a surrogate pair) refuse to store.
+UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+# How NUL and surrogates look once JSON-encoded (ASCII only): what makes a full look at the input worthwhile.
+SUSPECT_ESCAPE = re.compile(r"\\u(?:0000|[dD][89a-fA-F])")
+MAX_PROBLEMS = 10
 
 
 @dataclass(frozen=True)
@@ -55,7 +71,115 @@ def input_errors(exc: ValidationError) -> dict[str, list[str]]:
     return errors
 
 
-def _build_run(request: RunRequest, *, user, agents: dict[str, Agent], parent: Run | None) -> Run:
+def user_may_submit_critical(user) -> bool:
+    """Staff, and active users granted agents.submit_critical (themselves or through a group)."""
+    if user is None or not user.is_active:
+        return False
+    if user.is_staff or user.is_superuser:
+        return True
+    known = getattr(user, CRITICAL_PERMISSION_ATTRIBUTE, None)
+    if known is not None:
+        return bool(known)
+    return user.has_perm(CRITICAL_PERMISSION)
+
+
+def json_problems(
+    value: Any, *, max_depth: int | None = None, surrogates_only: bool = False
+) -> list[tuple[tuple[str | int, ...], str]]:
+    """What a JSON value holds that cannot be stored or sent back, each with its path (at most MAX_PROBLEMS):
+    NUL characters and lone surrogates in strings and keys, numbers that are not finite, and nesting
+    deeper than `max_depth` (the value itself is level 1). `surrogates_only` looks for lone surrogates alone.
+    """
+    problems: list[tuple[tuple[str | int, ...], str]] = []
+    # Iterative, so that a deep value cannot exhaust the stack that looks at it.
+    stack: list[tuple[tuple[str | int, ...], Any, int]] = [((), value, 1)]
+    while stack and len(problems) < MAX_PROBLEMS:
+        path, item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if max_depth is not None and depth > max_depth:
+                problems.append((path, f"Nested more than {max_depth} levels deep."))
+                continue
+            pairs = item.items() if isinstance(item, dict) else enumerate(item)
+            for key, child in pairs:
+                if isinstance(key, str) and (problem := _text_problem(key, surrogates_only=surrogates_only)):
+                    problems.append(((*path, key), f"The key {problem}."))
+                stack.append(((*path, key), child, depth + 1))
+        elif isinstance(item, str):
+            if problem := _text_problem(item, surrogates_only=surrogates_only):
+                problems.append((path, f"The text {problem}."))
+        elif isinstance(item, float) and not surrogates_only and not math.isfinite(item):
+            problems.append((path, f"{item} is not a number JSON can hold."))
+    return sorted(problems, key=lambda problem: [str(part) for part in problem[0]])
+
+
+def _text_problem(text: str, *, surrogates_only: bool) -> str | None:
+    for match in UNSTORABLE.finditer(text):
+        character = match[0]
+        if character == "\x00":
+            if not surrogates_only:
+                return "holds a NUL character (\\u0000), which cannot be stored"
+        else:
+            return f"holds a lone surrogate (\\u{ord(character):04x}), which is not Unicode text"
+    return None
+
+
+def path_label(path: Sequence[str | int]) -> str:
+    """`a.b.0`, as input_errors names a place in the input; unstorable characters written as escapes."""
+    return ".".join(
+        part.encode("unicode_escape").decode("ascii")
+        if isinstance(part, str) and UNSTORABLE.search(part)
+        else str(part)
+        for part in path
+    )
+
+
+def _input_checked(data: Any) -> None:
+    """RunRejected (or PayloadTooLarge) for an input that is not an object, too large, or not storable."""
+    if not isinstance(data, dict):
+        raise RunRejected({"input": ["Expected a JSON object."]})
+    limit = settings.RUN_INPUT_MAX_DEPTH
+    try:
+        text = json.dumps(data, separators=(",", ":"))
+    except (RecursionError, ValueError, TypeError) as exc:
+        # Only code submits what JSON cannot encode at all (the API parses JSON); say what is wrong.
+        problems = json_problems(data, max_depth=limit) or [((), f"Not storable as JSON: {exc}.")]
+    else:
+        size = len(text.encode())
+        if size > settings.RUN_MAX_INPUT_BYTES:
+            raise PayloadTooLarge({"input": [f"Input is {size} bytes; the limit is {settings.RUN_MAX_INPUT_BYTES}."]})
+        # The encoded text shows, in scans made in C, whether the input can hold anything to refuse.
+        suspect = (SUSPECT_ESCAPE.search(text) or "Infinity" in text or "NaN" in text) or text.count("[") + text.count(
+            "{"
+        ) > limit
+        problems = json_problems(data, max_depth=limit) if suspect else []
+    if problems:
+        errors: dict[str, list[str]] = {}
+        for path, message in problems:
+            errors.setdefault(path_label(path) or "non_field_errors", []).append(message)
+        raise RunRejected({"input": errors})
+
+
+def _tier(request: RunRequest, agent: Agent, *, critical_allowed: Callable[[], bool]) -> Tier:
+    if request.tier is not None:
+        if request.tier not in Tier.values:
+            raise RunRejected({"tier": [f"{request.tier!r} is not a tier; choose one of {', '.join(Tier.values)}."]})
+        tier = Tier(request.tier)
+        if tier == Tier.CRITICAL and not critical_allowed():
+            raise TierNotPermitted(
+                {"tier": [f"Submitting to the critical tier needs the permission {CRITICAL_PERMISSION}."]}
+            )
+        return tier
+    tier = Tier(agent.tier)
+    if tier == Tier.CRITICAL and not critical_allowed():
+        # The agent's tier is the operators' choice, not the caller's: a caller who did not ask for
+        # critical gets the most urgent tier they may use rather than a refusal.
+        return Tier.STANDARD
+    return tier
+
+
+def _build_run(
+    request: RunRequest, *, user, agents: dict[str, Agent], parent: Run | None, critical_allowed: Callable[[], bool]
+) -> Run:
     """An unsaved Run for a request, or RunRejected with field-level messages."""
     agent = agents.get(request.agent)
     spec = registry.get(request.agent)
@@ -63,25 +187,21 @@ def _build_run(request: RunRequest, *, user, agents: dict[str, Agent], parent: R
         raise RunRejected({"agent": [f"Unknown agent {request.agent!r}."]})
     if not agent.enabled:
         raise RunRejected({"agent": [f"Agent {request.agent!r} is disabled."]})
-    if request.tier is not None and request.tier not in Tier.values:
-        raise RunRejected({"tier": [f"{request.tier!r} is not a tier; choose one of {', '.join(Tier.values)}."]})
-    if not isinstance(request.input, dict):
-        raise RunRejected({"input": ["Expected a JSON object."]})
-    size = len(json.dumps(request.input, separators=(",", ":")).encode())
-    if size > settings.RUN_MAX_INPUT_BYTES:
-        raise PayloadTooLarge({"input": [f"Input is {size} bytes; the limit is {settings.RUN_MAX_INPUT_BYTES}."]})
+    tier = _tier(request, agent, critical_allowed=critical_allowed)
+    _input_checked(request.input)
     try:
         parsed = spec.parse_input(request.input)
     except ValidationError as exc:
         raise RunRejected({"input": input_errors(exc)}) from exc
     now = timezone.now()
-    tier = Tier(request.tier or agent.tier)
     if request.deadline is not None and request.deadline <= now:
         raise RunRejected({"deadline": ["The deadline has already passed."]})
     if request.expires_in is not None and request.expires_at is not None:
         raise RunRejected({"expires_at": ["Give expires_in or expires_at, not both."]})
     expires_at = request.expires_at
     if request.expires_in is not None:
+        if not 0 < request.expires_in <= MAX_EXPIRES_IN_SECONDS:
+            raise RunRejected({"expires_in": [f"Give more than 0 and at most {MAX_EXPIRES_IN_SECONDS} seconds."]})
         expires_at = now + timedelta(seconds=request.expires_in)
     if expires_at is not None and expires_at <= now:
         raise RunRejected({"expires_at": ["The expiry has already passed."]})
@@ -89,7 +209,8 @@ def _build_run(request: RunRequest, *, user, agents: dict[str, Agent], parent: R
         agent=agent,
         agent_version=spec.version,
         tier=tier,
-        input=parsed.model_dump(mode="json"),
+        # Computed fields are output: stored, they would be undeclared fields when the input is read back.
+        input=parsed.model_dump(mode="json", exclude_computed_fields=True),
         submitted_by=user,
         parent=parent,
         idempotency_key=request.idempotency_key,
@@ -113,39 +234,75 @@ def _agents_named(names: set[str]) -> dict[str, Agent]:
     return {agent.name: agent for agent in agents}
 
 
-def run_submit(*, user, request: RunRequest, parent: Run | None = None) -> tuple[Run, bool]:
+def run_submit(*, user, request: RunRequest, parent: Run | None = None, as_caller: bool = False) -> tuple[Run, bool]:
     """Create and dispatch one run; returns (run, created). A repeated idempotency key returns the first run."""
-    ((run, created),) = run_submit_many(user=user, requests=[request], parent=parent)
+    ((run, created),) = run_submit_many(user=user, requests=[request], parent=parent, as_caller=as_caller)
     return run, created
 
 
-def run_submit_many(*, user, requests: Sequence[RunRequest], parent: Run | None = None) -> list[tuple[Run, bool]]:
+def run_submit_many(
+    *, user, requests: Sequence[RunRequest], parent: Run | None = None, as_caller: bool = False
+) -> list[tuple[Run, bool]]:
     """Create runs for all requests in one transaction and dispatch them together, or reject them all.
 
+    `as_caller`: `user` asked for these runs (through the API) and is held to their permissions:
+    the critical tier needs agents.submit_critical (TierNotPermitted otherwise), and an agent whose
+    tier is critical runs on standard for them. Without it the code that submits chose the tier
+    (an agent's child run, a schedule an operator set up, a topic's reaction).
+
     A RunRejected for a batch names the failing item by its index: {"runs": {"3": {"input": [...]}}}.
+    An idempotency key already used for another agent, input or tier raises IdempotencyConflict.
     """
     agents = _agents_named({request.agent for request in requests if isinstance(request.agent, str)})
+    # Asked once per submission, and only if a run would go to the critical tier.
+    critical_allowed = functools.cache(lambda: not as_caller or user_may_submit_critical(user))
     built: list[Run] = []
     for index, request in enumerate(requests):
         try:
-            built.append(_build_run(request, user=user, agents=agents, parent=parent))
+            built.append(
+                _build_run(request, user=user, agents=agents, parent=parent, critical_allowed=critical_allowed)
+            )
         except RunRejected as exc:
             if len(requests) == 1:
                 raise
             raise type(exc)({"runs": {str(index): exc.errors}}) from exc
+    _repeated_keys_agree(built)
+    tier_given = {run.pk for run, request in zip(built, requests, strict=True) if request.tier is not None}
     # Runs that may share work: answered from the result cache, or following an identical run in flight.
     pairs = zip(built, requests, strict=True)
     shareable = [run for run, request in pairs if request.cache != "bypass" and run.agent.cache_ttl > 0]
     runs_answer_from_cache(shareable)
     shareable_ids = {run.pk for run in shareable}
     try:
-        return _insert_runs(user=user, runs=built, shareable=shareable_ids)
+        return _insert_runs(user=user, runs=built, shareable=shareable_ids, tier_given=tier_given)
     except IntegrityError:
         # Another request inserted one of these idempotency keys first; now it is found.
-        return _insert_runs(user=user, runs=built, shareable=shareable_ids)
+        return _insert_runs(user=user, runs=built, shareable=shareable_ids, tier_given=tier_given)
 
 
-def _insert_runs(*, user, runs: list[Run], shareable: set) -> list[tuple[Run, bool]]:
+def _same_request(first: Run, run: Run, *, tier_given: bool) -> bool:
+    """Whether `run` asks for what `first` did: the same agent and input, and the same tier if it names one."""
+    return first.agent_id == run.agent_id and first.input == run.input and (not tier_given or first.tier == run.tier)
+
+
+def _repeated_keys_agree(runs: list[Run]) -> None:
+    """Items of one batch that share an idempotency key must ask for the same run (they get one run)."""
+    first: dict[str, int] = {}
+    errors: dict[str, dict[str, list[str]]] = {}
+    for index, run in enumerate(runs):
+        key = run.idempotency_key
+        if not key:
+            continue
+        earlier = first.setdefault(key, index)
+        if earlier != index and not _same_request(runs[earlier], run, tier_given=True):
+            message = "Items {} and {} share this idempotency key but ask for different agents, inputs or tiers."
+            for item in (earlier, index):
+                errors.setdefault(str(item), {"idempotency_key": [message.format(earlier, index)]})
+    if errors:
+        raise RunRejected({"runs": errors})
+
+
+def _insert_runs(*, user, runs: list[Run], shareable: set, tier_given: set) -> list[tuple[Run, bool]]:
     keys = {run.idempotency_key for run in runs if run.idempotency_key}
     # Only a lookup of idempotency keys must share a transaction with the insert; a lone INSERT is
     # atomic in itself, and skipping BEGIN and COMMIT saves a lone run two round trips.
@@ -158,10 +315,13 @@ def _insert_runs(*, user, runs: list[Run], shareable: set) -> list[tuple[Run, bo
             }
         outcome: list[tuple[Run, bool]] = []
         new_runs: list[Run] = []
-        for run in runs:
+        for index, run in enumerate(runs):
             key = run.idempotency_key
             if key and key in existing:
-                outcome.append((existing[key], False))
+                first = existing[key]
+                if first.pk != run.pk and not _same_request(first, run, tier_given=run.pk in tier_given):
+                    raise _conflict(first, index=index if len(runs) > 1 else None)
+                outcome.append((first, False))
                 continue
             if key:
                 existing[key] = run
@@ -185,15 +345,27 @@ def _insert_runs(*, user, runs: list[Run], shareable: set) -> list[tuple[Run, bo
     return outcome
 
 
+def _conflict(first: Run, *, index: int | None) -> IdempotencyConflict:
+    errors = {
+        "idempotency_key": [
+            f"This key already names run {first.pk}, submitted with another agent, input or tier; "
+            "use a new key for a new request."
+        ],
+        "run": str(first.pk),
+    }
+    return IdempotencyConflict(errors if index is None else {"runs": {str(index): errors}})
+
+
 def _admit(runs: list[Run]) -> Counter[str]:
-    """Reserve the runs' places in their tier's and agent's backlog, or refuse them all (AdmissionRefused).
+    """Reserve the runs' places in their tier's, agent's and submitter's backlog, or refuse them all
+    (AdmissionRefused).
 
     Returns the reservation, to be released if the runs are not stored after all.
     """
     reserved: Counter[str] = Counter()
     for run in runs:
-        reserved[tier_field(run.tier)] += 1
-        reserved[agent_field(run.agent.name)] += 1
+        for field in backlog_fields(tier=run.tier, agent=run.agent.name, user=run.submitted_by_id):
+            reserved[field] += 1
     higher = {tier_field(other) for run in runs for other in HIGHER_TIERS[Tier(run.tier)]}
     counts = backlog_reserve(reserved, also=higher) if runs else None
     if counts is None:
@@ -234,6 +406,16 @@ def _admission_check(runs: list[Run], counts: dict[str, int], *, drain: Callable
             )  # fmt: skip
         if incoming := len(in_tier) - by_agent.total():
             admission_check(tier=tier, incoming=incoming, backlogs=backlogs, yield_fraction=yield_fraction)
+        # No one user may hold more than a share of the tier's backlog, so that others still get in.
+        by_user = Counter(run.submitted_by_id for run in in_tier if run.submitted_by_id is not None)
+        for user, incoming in by_user.items():
+            share = settings.BACKLOG_USER_SHARE
+            mine = Backlog(
+                queued=counts[user_field(user, tier)],
+                limit=share_limit(tier_limit=settings.TIER_BACKLOG_LIMITS[tier.value], share=share),
+                drain_per_second=drain(Run.objects.filter(tier=tier, submitted_by_id=user)),
+            )
+            share_check(tier=tier, incoming=incoming, backlog=mine, share=share)
 
 
 def _drain_per_second(runs: QuerySet[Run]) -> float:

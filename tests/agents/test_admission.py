@@ -1,16 +1,26 @@
 """Admission control and submission rates through the API (no workers: runs stay queued)."""
 
+import socket
+
 import pytest
 
-from agents.models import Agent, Run
+from agentplatform.redis_client import redis_client
+from agents.models import Agent, Run, RunStatus
+from agents.runs.recovery import backlog_recount
+from scheduling.backlog import backlog_key, user_field
+from tests.factories import RunFactory, UserFactory
+from tests.polling import eventually
 
 RUNS = "/api/v1/runs/"
 
 
 @pytest.fixture
 def limits(settings):
-    def set_limits(critical=100, standard=100, batch=100):
+    """Tier limits as given; one user may fill a whole tier unless `user_share` says otherwise."""
+
+    def set_limits(critical=100, standard=100, batch=100, user_share=1.0):
         settings.TIER_BACKLOG_LIMITS = {"critical": critical, "standard": standard, "batch": batch}
+        settings.BACKLOG_USER_SHARE = user_share
 
     return set_limits
 
@@ -37,7 +47,7 @@ def test_other_tiers_are_admitted_while_one_is_full(api, limits):
     limits(batch=1)
     submit(api, tier="batch")
 
-    assert submit(api, tier="critical").status_code == 201
+    assert submit(api, tier="standard").status_code == 201
 
 
 def test_a_batch_submission_over_the_limit_is_refused_whole(api, limits):
@@ -104,3 +114,110 @@ def test_the_submission_rate_counts_runs_not_requests(api, settings):
     assert (first.status_code, second.status_code, single.status_code) == (201, 429, 201)
     assert "rate of 5" in second.json()["detail"]
     assert Run.objects.count() == 5
+
+
+def test_a_user_over_their_share_of_the_tier_backlog_gets_429_naming_the_share_with_retry_after(api, limits):
+    limits(standard=4, user_share=0.5)
+    submit(api)
+    submit(api)
+
+    response = submit(api)
+
+    assert response.status_code == 429
+    assert "share is 50% of the tier's limit, 2 runs" in response.json()["detail"]
+    assert int(response["Retry-After"]) >= 1
+    assert Run.objects.count() == 2
+
+
+def test_other_users_are_admitted_while_one_user_holds_their_whole_share(api, api_for, limits):
+    limits(standard=4, user_share=0.5)
+    submit(api)
+    submit(api)
+
+    assert submit(api_for(UserFactory())).status_code == 201
+
+
+def test_a_users_share_is_counted_per_tier(api, limits):
+    limits(standard=4, batch=4, user_share=0.5)
+    submit(api)
+    submit(api)
+
+    assert submit(api, tier="batch").status_code == 201
+
+
+def test_a_batch_bigger_than_the_users_share_is_refused_whole(api, limits):
+    limits(standard=10, user_share=0.2)
+    body = {"runs": [{"agent": "echo", "input": {"n": n}} for n in range(3)]}
+
+    response = api.post(f"{RUNS}batch/", body, format="json")
+
+    assert response.status_code == 429
+    assert "share" in response.json()["detail"]
+    assert not Run.objects.exists()
+
+
+def test_a_refused_submission_takes_no_place_in_the_users_share(api, limits):
+    limits(standard=10, user_share=0.2)
+    api.post(f"{RUNS}batch/", {"runs": [{"agent": "echo", "input": {"n": n}} for n in range(3)]}, format="json")
+
+    assert [submit(api).status_code for _ in range(3)] == [201, 201, 429]
+
+
+def test_the_sweeper_recounts_each_users_queued_runs_per_tier(db, limits):
+    first, second = UserFactory(), UserFactory()
+    RunFactory.create_batch(2, submitted_by=first)
+    RunFactory(submitted_by=first, tier="batch")
+    RunFactory(submitted_by=second)
+    RunFactory(submitted_by=second, status=RunStatus.SUCCEEDED)
+    redis_client().hset(backlog_key(), mapping={user_field(first.pk, "standard"): 40, user_field(99, "batch"): 3})
+
+    backlog_recount()
+
+    counts = {field.decode(): int(value) for field, value in redis_client().hgetall(backlog_key()).items()}
+    assert {field: value for field, value in counts.items() if field.startswith("user:")} == {
+        user_field(first.pk, "standard"): 2,
+        user_field(first.pk, "batch"): 1,
+        user_field(second.pk, "standard"): 1,
+    }
+
+
+@pytest.fixture
+def redis_unreachable(settings):
+    """Redis as the platform's client sees it: a loopback port where nothing listens."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # The client is built per URL (agentplatform.redis_client), so the new URL gets a client of its own.
+    settings.REDIS_URL = f"redis://127.0.0.1:{port}/0"
+
+
+@pytest.mark.parametrize(
+    ("url", "body"),
+    [
+        (RUNS, {"agent": "echo", "input": {"n": 1}}),
+        (RUNS, {"agent": "factorize", "input": {"n": 15}}),
+        (f"{RUNS}batch/", {"runs": [{"agent": "echo", "input": {"n": 1}}, {"agent": "echo", "input": {"n": 2}}]}),
+    ],
+    ids=["single", "cacheable", "batch"],
+)
+def test_a_submission_is_stored_queued_when_redis_cannot_be_reached(api, redis_unreachable, caplog, url, body):
+    response = api.post(url, body, format="json")
+
+    assert response.status_code == 201
+    runs = response.json() if isinstance(response.json(), list) else [response.json()]
+    assert {run["status"] for run in runs} == {"queued"}
+    assert Run.objects.filter(pk__in=[run["id"] for run in runs], status=RunStatus.QUEUED).count() == len(runs)
+    assert any(record.levelname == "WARNING" and "rate" in record.getMessage() for record in caplog.records)
+    assert any(record.levelname == "WARNING" and "backlog" in record.getMessage() for record in caplog.records)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("workers")
+def test_runs_claimed_by_a_worker_give_back_their_place_in_the_users_share(transactional_db, api, limits):
+    limits(standard=4, user_share=0.5)
+    ids = [submit(api, input={"n": n}).json()["id"] for n in range(2)]
+    eventually(
+        lambda: Run.objects.filter(pk__in=ids, status=RunStatus.SUCCEEDED).count() == 2, what="both runs finished"
+    )
+
+    assert [submit(api, input={"n": n}).status_code for n in range(2, 4)] == [201, 201]

@@ -40,9 +40,9 @@ def test_a_run_shows_every_documented_field(api):
 
 
 def test_the_tier_can_be_chosen_per_run(api):
-    run = submit(api, {"agent": "echo", "input": {}, "tier": "critical"}).json()
+    run = submit(api, {"agent": "echo", "input": {}, "tier": "batch"}).json()
 
-    assert run["tier"] == "critical"
+    assert run["tier"] == "batch"
 
 
 def test_a_run_records_the_agent_sla_and_version_at_submission(api):
@@ -62,7 +62,7 @@ def test_input_is_stored_as_validated_by_the_agent_schema(api):
 
 def test_the_same_idempotency_key_returns_the_first_run_with_200(api):
     first = submit(api, {"agent": "echo", "input": {"n": 1}, "idempotency_key": "k-1"})
-    second = submit(api, {"agent": "echo", "input": {"n": 2}, "idempotency_key": "k-1"})
+    second = submit(api, {"agent": "echo", "input": {"n": 1}, "idempotency_key": "k-1"})
 
     assert first.status_code == 201
     assert second.status_code == 200
@@ -219,10 +219,10 @@ def test_the_run_list_is_newest_first_and_paginated(api, settings):
 
 @pytest.mark.parametrize(
     ("query", "expected"),
-    [({"agent": "sleep"}, 1), ({"tier": "critical"}, 1), ({"status": "queued"}, 2), ({"status": "failed"}, 0)],
+    [({"agent": "sleep"}, 1), ({"tier": "batch"}, 1), ({"status": "queued"}, 2), ({"status": "failed"}, 0)],
 )
 def test_the_run_list_filters_by_agent_status_and_tier(api, query, expected):
-    submit(api, {"agent": "echo", "input": {}, "tier": "critical"})
+    submit(api, {"agent": "echo", "input": {}, "tier": "batch"})
     submit(api, {"agent": "sleep", "input": {"seconds": 1}})
 
     assert api.get(RUNS, query).json()["count"] == expected

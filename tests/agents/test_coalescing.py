@@ -3,6 +3,7 @@
 import threading
 
 import pytest
+from django.contrib.auth.models import Permission
 from django.db import connection, transaction
 from django.utils import timezone
 from rest_framework.test import APIClient
@@ -175,6 +176,7 @@ def test_cancelling_a_follower_leaves_the_leader_and_the_others(api):
 
 @pytest.mark.django_db(transaction=True)
 def test_a_critical_run_never_follows_a_batch_run(api, published):
+    api.user.user_permissions.add(Permission.objects.get(codename="submit_critical"))
     leader_in_flight("tiers", tier="batch")
 
     critical = submit(api, {"key": "tiers"}, tier="critical")

@@ -4,6 +4,7 @@ import time
 import uuid
 
 import pytest
+from django.contrib.auth.models import Permission
 
 from agentplatform.celery import app
 from agents.models import Agent, Run, RunStatus
@@ -84,6 +85,7 @@ def test_spin_burns_cpu_on_a_worker(api):
 
 @pytest.mark.parametrize("tier", list(Tier))
 def test_each_tier_is_run_by_its_own_worker(api, tier):
+    api.user.user_permissions.add(Permission.objects.get(codename="submit_critical"))
     run = wait(api, submit(api, "echo", {}, tier=tier.value)["id"])
 
     assert run["status"] == "succeeded"
@@ -182,6 +184,7 @@ def test_cancelling_a_queued_run_means_it_never_starts(api):
 
 
 def test_cancelling_a_running_run_stops_it_and_frees_the_worker(api):
+    api.user.user_permissions.add(Permission.objects.get(codename="submit_critical"))
     running = submit(api, "sleep", {"seconds": 60}, tier="critical")
     wait_for_status(running["id"], RunStatus.RUNNING)
 

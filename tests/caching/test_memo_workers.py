@@ -4,6 +4,7 @@ import time
 import uuid
 
 import pytest
+from django.contrib.auth.models import Permission
 
 from agentplatform.redis_client import redis_client, redis_key
 from agents.models import Run
@@ -24,6 +25,7 @@ def wait(api, run_id: str, seconds: float = 20) -> dict:
 
 
 def test_two_workers_running_the_same_memoized_call_at_once_compute_it_once(api):
+    api.user.user_permissions.add(Permission.objects.get(codename="submit_critical"))
     key = uuid.uuid4().hex
     run_ids = [submit(api, "test.memo", {"key": key, "n": 7}, tier=tier) for tier in ("critical", "standard")]
 

@@ -1,6 +1,6 @@
 import pytest
 
-from scheduling.admission import AdmissionRefused, Backlog, admission_check
+from scheduling.admission import AdmissionRefused, Backlog, admission_check, share_check, share_limit
 from scheduling.tiers import Tier
 
 
@@ -41,3 +41,21 @@ def test_batch_yields_while_a_higher_tier_is_past_its_share():
 
 def test_standard_does_not_yield_to_critical():
     admission_check(tier=Tier.STANDARD, incoming=1, backlogs=backlogs(critical=(99, 100)), yield_fraction=0.5)
+
+
+def test_a_users_share_is_a_fraction_of_the_tier_limit_and_at_least_one_run():
+    assert share_limit(tier_limit=2000, share=0.5) == 1000
+    assert share_limit(tier_limit=3, share=0.1) == 1
+
+
+def test_a_user_within_their_share_is_admitted():
+    share_check(tier=Tier.STANDARD, incoming=2, backlog=Backlog(queued=8, limit=10, drain_per_second=1), share=0.5)
+
+
+def test_a_user_over_their_share_is_refused_naming_it_with_retry_after_from_their_drain():
+    with pytest.raises(AdmissionRefused, match="share is 25% of the tier's limit, 10 runs") as refused:
+        share_check(
+            tier=Tier.CRITICAL, incoming=5, backlog=Backlog(queued=10, limit=10, drain_per_second=0.5), share=0.25
+        )
+
+    assert refused.value.retry_after == 10  # 5 runs over, draining 0.5/s
