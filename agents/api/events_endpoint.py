@@ -44,6 +44,10 @@ class EventsEndpoint:
         unknown = sorted(set(request.GET) - FILTERS)
         if unknown:
             return await _answer(send, 400, {name: ["Unknown parameter; filter by agent or run."] for name in unknown})
+        unstorable = sorted(name for name in FILTERS if "\x00" in request.GET.get(name, ""))
+        if unstorable:
+            # No agent name or run id holds one, and PostgreSQL cannot even compare a text that does.
+            return await _answer(send, 400, {name: ["A NUL character is not allowed."] for name in unstorable})
         try:
             stream = await in_db_thread(
                 event_stream_for, user=user, agent=request.GET.get("agent") or None, run=request.GET.get("run") or None

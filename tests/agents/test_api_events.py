@@ -176,6 +176,14 @@ def test_a_run_and_an_agent_that_disagree_are_400(events_server):
     assert "agent" in response.json()
 
 
+@pytest.mark.parametrize("query", ["agent=ec%00ho", "run=%00"])
+def test_a_filter_holding_nul_is_400(events_server, user, query):
+    response = stream(events_server, query, user)
+
+    assert response.status == 400
+    assert "NUL" in response.json()[query.split("=")[0]][0]
+
+
 def test_without_credentials_the_stream_is_401(events_server):
     response = stream(events_server, "", None)
 
