@@ -55,12 +55,14 @@ class AgentSpec:
         schema = self.input_model.model_json_schema()
         return _closed(schema) if self.refuse_undeclared_fields else schema
 
-    def parse_input(self, data: Any) -> BaseModel:
+    def parse_input(self, data: Any, *, lenient: bool = False) -> BaseModel:
         """Validate raw input against the declared schema (raises pydantic.ValidationError).
 
-        A field the schema does not declare is an error (`extra_forbidden`), unless the models say otherwise.
+        A field the schema does not declare is an error (`extra_forbidden`), unless the models say
+        otherwise or `lenient` asks for such fields to be dropped (pydantic's own default).
         """
-        return self.input_model.model_validate(data, extra="forbid" if self.refuse_undeclared_fields else None)
+        refuse = self.refuse_undeclared_fields and not lenient
+        return self.input_model.model_validate(data, extra="forbid" if refuse else None)
 
 
 def declares_extra(model: type[BaseModel]) -> bool:

@@ -178,7 +178,13 @@ def _tier(request: RunRequest, agent: Agent, *, critical_allowed: Callable[[], b
 
 
 def _build_run(
-    request: RunRequest, *, user, agents: dict[str, Agent], parent: Run | None, critical_allowed: Callable[[], bool]
+    request: RunRequest,
+    *,
+    user,
+    agents: dict[str, Agent],
+    parent: Run | None,
+    critical_allowed: Callable[[], bool],
+    as_caller: bool,
 ) -> Run:
     """An unsaved Run for a request, or RunRejected with field-level messages."""
     agent = agents.get(request.agent)
@@ -190,7 +196,9 @@ def _build_run(
     tier = _tier(request, agent, critical_allowed=critical_allowed)
     _input_checked(request.input)
     try:
-        parsed = spec.parse_input(request.input)
+        # A caller is told about a field the agent does not declare; code (a topic's message shared
+        # by agents that each read part of it) passes only what the agent takes.
+        parsed = spec.parse_input(request.input, lenient=not as_caller)
     except ValidationError as exc:
         raise RunRejected({"input": input_errors(exc)}) from exc
     now = timezone.now()
@@ -245,10 +253,11 @@ def run_submit_many(
 ) -> list[tuple[Run, bool]]:
     """Create runs for all requests in one transaction and dispatch them together, or reject them all.
 
-    `as_caller`: `user` asked for these runs (through the API) and is held to their permissions:
-    the critical tier needs agents.submit_critical (TierNotPermitted otherwise), and an agent whose
-    tier is critical runs on standard for them. Without it the code that submits chose the tier
-    (an agent's child run, a schedule an operator set up, a topic's reaction).
+    `as_caller`: `user` asked for these runs (through the API) and is held to their permissions and
+    to the agent's input contract: the critical tier needs agents.submit_critical (TierNotPermitted
+    otherwise), an agent whose tier is critical runs on standard for them, and an input field the
+    agent does not declare is refused. Without it, the code that submits chose the tier (an agent's
+    child run, a schedule an operator set up, a topic's reaction) and undeclared fields are dropped.
 
     A RunRejected for a batch names the failing item by its index: {"runs": {"3": {"input": [...]}}}.
     An idempotency key already used for another agent, input or tier raises IdempotencyConflict.
@@ -260,7 +269,14 @@ def run_submit_many(
     for index, request in enumerate(requests):
         try:
             built.append(
-                _build_run(request, user=user, agents=agents, parent=parent, critical_allowed=critical_allowed)
+                _build_run(
+                    request,
+                    user=user,
+                    agents=agents,
+                    parent=parent,
+                    critical_allowed=critical_allowed,
+                    as_caller=as_caller,
+                )
             )
         except RunRejected as exc:
             if len(requests) == 1:

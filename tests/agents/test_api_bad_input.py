@@ -228,3 +228,10 @@ def test_code_submitting_an_input_nested_past_the_limit_is_refused(db, settings)
         run_submit(user=UserFactory(), request=RunRequest(agent="echo", input=deep))
 
     assert "Nested more than 64 levels" in json.dumps(refused.value.errors)
+
+
+def test_code_submitting_an_input_with_fields_the_agent_does_not_declare_passes_the_declared_ones(db):
+    """A topic's message is shared by every agent reacting to it; each takes the fields it declares."""
+    run, _ = run_submit(user=UserFactory(), request=RunRequest(agent="sleep", input={"seconds": 1, "order": 7}))
+
+    assert run.input == {"seconds": 1.0}
