@@ -96,7 +96,8 @@ def sweep_expired() -> int:
 
 
 def sweep_lost_leases() -> tuple[int, int]:
-    """Running runs whose lease expired (their worker died): queue them again, or fail them if out of attempts."""
+    """Running runs whose lease expired (their worker died): queue them again, or fail them once they have
+    lost too many workers."""
     requeued = failed = 0
     runs = Run.objects.select_related("agent").filter(status=RunStatus.RUNNING, lease_expires_at__lt=timezone.now())
     for run in runs[: settings.SWEEP_BATCH]:
