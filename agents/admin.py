@@ -209,7 +209,20 @@ class RunAdmin(admin.ModelAdmin):
     fieldsets = [
         (None, {"fields": ["id", "agent", "agent_version", "tier", "status", "submitted_by", "parent", "follows"]}),
         ("Input and outcome", {"fields": ["input_pretty", "result_pretty", "error_pretty", "error_traceback"]}),
-        ("Timing", {"fields": ["submitted_at", "started_at", "finished_at", "attempts", "queue_wait_ms", "run_ms"]}),
+        (
+            "Timing",
+            {
+                "fields": [
+                    "submitted_at",
+                    "started_at",
+                    "finished_at",
+                    "attempts",
+                    "lost_attempts",
+                    "queue_wait_ms",
+                    "run_ms",
+                ]
+            },
+        ),
         ("Promises", {"fields": ["sla_seconds", "sla_met", "soft_time_limit", "time_limit", "max_retries"]}),
         ("Claim", {"fields": ["worker", "lease_expires_at", "idempotency_key"], "classes": ["collapse"]}),
     ]
