@@ -1,4 +1,4 @@
-"""The Redis pub-sub bus: run lifecycle events and agent topics.
+"""The Redis bus: run lifecycle events on pub-sub, agent topics on Redis Streams.
 
 A run event is one JSON object, published on the run's, its agent's and the global channel:
 
@@ -8,10 +8,13 @@ A run event is one JSON object, published on the run's, its agent's and the glob
 `event` is one of queued, started, retrying, succeeded, failed, cancelled, expired; `user` is the
 id of the run's submitter (null for runs nobody submitted, such as topic runs without an origin).
 
-An agent topic carries envelopes: {"id": "<uuid>", "topic": "<name>", "message": <JSON>,
+Events may be lost (a waiter reads the run row again). Topic messages may not: each is appended, as
+the field `envelope` of an entry, to the topic's stream, which the dispatchers' consumer group reads
+(agents/topics.py). An envelope: {"id": "<uuid>", "topic": "<name>", "message": <JSON>,
 "run": "<uuid of the publishing run, or null>", "user": <its submitter's id, or null>, "at": "…"}.
 """
 
+import functools
 import json
 import logging
 import re
@@ -20,6 +23,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import redis
+from django.conf import settings
 from django.utils import timezone
 
 from agentplatform.redis_client import redis_client, redis_key
@@ -28,6 +32,33 @@ logger = logging.getLogger(__name__)
 
 RUN_EVENTS = ("queued", "started", "retrying", "succeeded", "failed", "cancelled", "expired")
 TOPIC_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,99}$")
+# The one consumer group of every topic stream: the platform's dispatchers share its messages.
+TOPIC_GROUP = "dispatchers"
+# The field of a stream entry that holds the envelope.
+TOPIC_FIELD = "envelope"
+
+# Appends an envelope to a topic's stream and trims the stream, in one step. The dispatchers' group is
+# created with the stream, from its first entry on, so that a message published before any dispatcher
+# ever started is delivered when one does. Age is measured on the new entry's id, Redis's own clock.
+# KEYS[1]: the stream; ARGV: the group, the entry's field and its envelope, the length kept (0: any) and
+# the age kept in ms (0: any).
+PUBLISH_TOPIC_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('XGROUP', 'CREATE', KEYS[1], ARGV[1], '0', 'MKSTREAM')
+end
+local id
+if tonumber(ARGV[4]) > 0 then
+  id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[4], '*', ARGV[2], ARGV[3])
+else
+  id = redis.call('XADD', KEYS[1], '*', ARGV[2], ARGV[3])
+end
+local age = tonumber(ARGV[5])
+local now = tonumber(string.match(id, '^(%d+)'))
+if age > 0 and now > age then
+  redis.call('XTRIM', KEYS[1], 'MINID', '~', string.format('%d', now - age))
+end
+return id
+"""
 
 
 class InvalidTopic(ValueError):
@@ -51,10 +82,11 @@ def cancel_channel() -> str:
     return redis_key("control", "cancel")
 
 
-def topic_channel(topic: str) -> str:
+def topic_stream(topic: str) -> str:
+    """The Redis Stream that carries a topic's messages; InvalidTopic for a name the bus does not carry."""
     if not TOPIC_PATTERN.match(topic):
         raise InvalidTopic(f"topic {topic!r} must match {TOPIC_PATTERN.pattern}")
-    return redis_key("topic", topic)
+    return redis_key("stream", "topic", topic)
 
 
 def run_event(
@@ -126,11 +158,29 @@ def topic_envelope(topic: str, message: Any, *, run_id: object = None, user: int
     }
 
 
-def publish_topic(topic: str, message: Any, *, run_id: object = None, user: int | None = None) -> int:
-    """Publish a JSON message on an agent topic; returns how many subscribers received it.
+def publish_topic(topic: str, message: Any, *, run_id: object = None, user: int | None = None) -> str:
+    """Append a JSON message to an agent topic's stream; returns the message's id (the envelope's).
 
+    The message waits in the stream until a dispatcher has stored the runs it starts, however long no
+    dispatcher runs, within the stream's bounds (TOPIC_STREAM_MAXLEN, TOPIC_STREAM_MAX_AGE_SECONDS).
     Raises InvalidTopic for a bad topic name and TypeError for a message that is not JSON.
     """
-    channel = topic_channel(topic)
+    stream = topic_stream(topic)
     envelope = topic_envelope(topic, message, run_id=run_id, user=user)
-    return redis_client().publish(channel, json.dumps(envelope))
+    _publish_script(redis_client())(
+        keys=[stream],
+        args=[
+            TOPIC_GROUP,
+            TOPIC_FIELD,
+            json.dumps(envelope),
+            settings.TOPIC_STREAM_MAXLEN,
+            int(settings.TOPIC_STREAM_MAX_AGE_SECONDS * 1000),
+        ],
+    )
+    return envelope["id"]
+
+
+@functools.lru_cache(maxsize=4)
+def _publish_script(client: redis.Redis) -> redis.commands.core.Script:
+    # Sent by its SHA1 (EVALSHA): one round trip, the script's text only the first time a server sees it.
+    return client.register_script(PUBLISH_TOPIC_SCRIPT)

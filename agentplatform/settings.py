@@ -189,9 +189,14 @@ EVENTS_URL = env_str("EVENTS_URL", f"http://127.0.0.1:{env_int('EVENTS_PORT', 80
 # A comment line is sent on a quiet stream this often, so proxies and clients keep it open.
 EVENTS_KEEPALIVE_SECONDS = env_float("EVENTS_KEEPALIVE_SECONDS", 15)
 
-# The topic dispatcher acts on a message id once per agent within this many seconds (copies of a
-# message reach several dispatchers within milliseconds; each id costs a key for this long).
-TOPIC_DEDUPE_SECONDS = env_int("TOPIC_DEDUPE_SECONDS", 600)
+# Agent topics ride Redis Streams: each keeps about this many messages (0: no limit) and none much
+# older than this (0: no limit), whether dispatched or not.
+TOPIC_STREAM_MAXLEN = env_int("TOPIC_STREAM_MAXLEN", 100_000)
+TOPIC_STREAM_MAX_AGE_SECONDS = env_float("TOPIC_STREAM_MAX_AGE_SECONDS", 7 * 86400)
+# A message a dispatcher has held this long unacknowledged (it died, or the message's runs could not
+# be stored) is claimed by a dispatcher, and every dispatcher looks for such messages this often.
+TOPIC_CLAIM_IDLE_SECONDS = env_float("TOPIC_CLAIM_IDLE_SECONDS", 60)
+TOPIC_CLAIM_INTERVAL_SECONDS = env_float("TOPIC_CLAIM_INTERVAL_SECONDS", 15)
 
 # Agents: modules imported by the registry besides the built-ins and every app's agents.py.
 AGENT_MODULES = env_list("AGENT_MODULES")

@@ -136,10 +136,16 @@ def listener(ctx, input: OrderInput) -> dict:
     return {"order": input.order_id}
 
 
+@agent(name="test.auditor", input=OrderInput, topics=["test.orders"], soft_time_limit=10, time_limit=15)
+def auditor(ctx, input: OrderInput) -> dict:
+    """Reacts to the test.orders topic too: a message starts one run of each agent."""
+    return {"audited": input.order_id}
+
+
 @agent(name="test.publisher", input=OrderInput, soft_time_limit=10, time_limit=15)
 def publisher(ctx, input: OrderInput) -> dict:
     """Publishes an order on the test.orders topic."""
-    return {"subscribers": ctx.publish("test.orders", {"order_id": input.order_id})}
+    return {"message": ctx.publish("test.orders", {"order_id": input.order_id})}
 
 
 def executions(key: str) -> int:

@@ -26,8 +26,8 @@ class RunContext:
         """1 for the first attempt, 2 for the first retry, …"""
         return self.run.attempts
 
-    def publish(self, topic: str, message: Any) -> int:
-        """Publish a JSON message on an agent topic; returns how many subscribers got it."""
+    def publish(self, topic: str, message: Any) -> str:
+        """Publish a JSON message on an agent topic; returns its id (its runs' key: `topic:<id>:<agent>`)."""
         return events.publish_topic(topic, message, run_id=self.run.pk, user=self.run.submitted_by_id)
 
     def submit(self, agent: str, input: dict[str, Any], *, tier: str | None = None) -> str:

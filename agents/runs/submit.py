@@ -324,7 +324,8 @@ def _insert_runs(*, user, runs: list[Run], shareable: set, tier_given: set) -> l
     # atomic in itself, and skipping BEGIN and COMMIT saves a lone run two round trips.
     with transaction.atomic() if keys else contextlib.nullcontext():
         existing: dict[str, Run] = {}
-        if keys and user is not None:
+        # Keys are per submitter; runs nobody submitted (topic runs without an origin) share one space.
+        if keys:
             existing = {
                 run.idempotency_key: run
                 for run in Run.objects.select_related("agent").filter(submitted_by=user, idempotency_key__in=keys)
