@@ -69,6 +69,8 @@ CSRF_COOKIE_SECURE = env_bool("CSRF_COOKIE_SECURE", False)
 # Behind a proxy that ends TLS: the header it sets on HTTPS requests and that header's value there
 # ("X-Forwarded-Proto,https"). Only for a proxy that always sets or strips the header itself.
 SECURE_PROXY_SSL_HEADER = env_header("SECURE_PROXY_SSL_HEADER")
+# Probes ask over plain HTTP, from inside the deployment.
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$"]
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -267,6 +269,13 @@ REST_FRAMEWORK = {
 }
 # Runs each user may submit through the API ("N/second|minute|hour|day"), counted in Redis.
 API_SUBMIT_RATE = env_str("API_SUBMIT_RATE", "6000/minute")
+
+# Metrics and probes. /metrics answers `Authorization: Bearer <METRICS_TOKEN>` alone, and nobody while it
+# is unset. prometheus-client reads PROMETHEUS_MULTIPROC_DIR itself: set, every process counts into that
+# directory and a scrape adds them up. /readyz gives up on a check after READY_TIMEOUT_SECONDS.
+METRICS_TOKEN = env_str("METRICS_TOKEN", "")
+METRICS_MULTIPROC_DIR = env_str("PROMETHEUS_MULTIPROC_DIR", "")
+READY_TIMEOUT_SECONDS = env_float("READY_TIMEOUT_SECONDS", 2.0)
 
 # Django's shared cache lives in Redis under the deployment's prefix.
 CACHES = {

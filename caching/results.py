@@ -13,6 +13,7 @@ from typing import Any
 
 import redis
 
+from agentplatform.metrics import cache_lookups_record
 from agentplatform.redis_client import redis_client, redis_delete_matching, redis_key
 
 logger = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ def result_cache_get_many(entries: list[tuple[str, str, Any]]) -> list[CachedRes
         # The cache is an optimisation: without it the runs simply execute.
         logger.exception("result cache lookup failed")
         return [None] * len(entries)
+    cache_lookups_record([agent for agent, _, _ in entries], stored)
     return [CachedResult(json.loads(value)["result"]) if value is not None else None for value in stored]
 
 

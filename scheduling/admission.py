@@ -15,11 +15,15 @@ MIN_RETRY_AFTER, MAX_RETRY_AFTER = 1, 300
 
 
 class AdmissionRefused(Exception):
-    """The tier (or agent) is over its backlog limit; come back after `retry_after` seconds."""
+    """The tier (or agent) is over its backlog limit; come back after `retry_after` seconds.
 
-    def __init__(self, message: str, *, retry_after: int) -> None:
+    `reason`: tier_backlog, agent_backlog, user_share or batch_yield.
+    """
+
+    def __init__(self, message: str, *, retry_after: int, reason: str = "tier_backlog") -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,7 @@ def admission_check(
         raise AdmissionRefused(
             f"{label or tier.value} backlog is {own.queued} runs; the limit is {own.limit}.",
             retry_after=own.retry_after(incoming),
+            reason="agent_backlog" if label else "tier_backlog",
         )
     for higher in HIGHER_TIERS[tier]:
         backlog = backlogs[higher]
@@ -53,6 +58,7 @@ def admission_check(
                 f"batch yields while the {higher.value} backlog ({backlog.queued}) is over "
                 f"{yield_fraction:.0%} of its limit.",
                 retry_after=backlog.retry_after(0),
+                reason="batch_yield",
             )
 
 
@@ -68,4 +74,5 @@ def share_check(*, tier: Tier, incoming: int, backlog: Backlog, share: float) ->
             f"your {tier.value} backlog is {backlog.queued} runs; each user's share is {share * 100:g}% of the "
             f"tier's limit, {backlog.limit} runs.",
             retry_after=backlog.retry_after(incoming),
+            reason="user_share",
         )

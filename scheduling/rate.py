@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import redis
 
+from agentplatform.metrics import rate_refused_record
 from agentplatform.redis_client import redis_client, redis_key
 
 logger = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ def rate_take(*, who: object, runs: int, rate: Rate) -> None:
         logger.warning("could not give back refused runs to their rate (%s)", exc)
     # The last window's share shrinks as time passes: wait until enough of it has gone.
     excess = seen - rate.runs
+    rate_refused_record(runs)
     wait = rate.seconds - into if not before else min(rate.seconds - into, excess / int(before) * rate.seconds)
     raise RateExceeded(
         f"{runs} more runs would pass your rate of {rate.runs} per {rate.seconds}s.",

@@ -1,7 +1,10 @@
 """Gives each test run its own PostgreSQL database and Redis key prefix (loaded before settings)."""
 
+import atexit
 import os
 import secrets
+import shutil
+import tempfile
 import uuid
 
 RUN_ID = os.environ.setdefault("TEST_RUN_ID", uuid.uuid4().hex[:10])
@@ -18,3 +21,7 @@ os.environ.setdefault("RETRY_BACKOFF_MAX_SECONDS", "0.5")
 # Short leases renewed often: a run longer than its lease must live on its workers' heartbeats.
 os.environ.setdefault("RUN_LEASE_SECONDS", "3")
 os.environ.setdefault("RUN_HEARTBEAT_SECONDS", "0.5")
+# prometheus-client's multiprocess mode, as `make up` runs it: every process of this run (workers included)
+# counts into one directory of its own, set before anything imports prometheus-client.
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix=f"agentplatform-metrics-{RUN_ID}-")
+atexit.register(shutil.rmtree, os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)

@@ -27,6 +27,7 @@ from django.db.models import Case, F, Q, Value, When
 from django.utils import timezone
 
 from agentplatform import events
+from agentplatform.metrics import runs_ended_record
 from agentplatform.redis_client import redis_client
 from agents.models import IN_FLIGHT, Run, RunStatus
 from agents.runs.dispatch import run_dispatch
@@ -197,6 +198,7 @@ def _announce(runs: Sequence[Run]) -> None:
             result_cache_store(pipe, agent=run.agent.name, version=run.agent_version, input=run.input,
                                result=run.result, ttl=run.agent.cache_ttl)  # fmt: skip
     events.publish_run_events((events.event_of_run(run, _event_name(run)) for run in runs), pipe=pipe)
+    runs_ended_record(runs)
     leaders = [run for run in ended if run.follows_id is None and run.agent.cache_ttl > 0]
     if leaders:
         leaders_release(leaders)

@@ -18,6 +18,7 @@ from django.utils import timezone
 from redis.exceptions import LockError
 
 from agentplatform.celery import app
+from agentplatform.metrics import sweep_record
 from agentplatform.redis_client import redis_client, redis_key
 from agents.models import IN_FLIGHT, Agent, Run, RunStatus
 from agents.runs.dispatch import messages_confirmed, messages_due, messages_found, run_dispatch
@@ -84,6 +85,7 @@ def _sweep() -> SweepReport:
         settled_followers=followers_orphaned(settings.SWEEP_BATCH),
     )
     backlog_recount()
+    sweep_record(report)
     if report != SweepReport():
         logger.info("sweep: %s", report)
     return report

@@ -19,6 +19,7 @@ from django.utils import timezone
 from pydantic import ValidationError
 
 from agentplatform import events
+from agentplatform.metrics import runs_refused_record, runs_submitted_record
 from agentplatform.redis_client import redis_client
 from agents.errors import IdempotencyConflict, PayloadTooLarge, RunRejected, TierNotPermitted
 from agents.models import Agent, Run, RunStatus
@@ -389,8 +390,9 @@ def _admit(runs: list[Run]) -> Counter[str]:
         return Counter()
     try:
         _admission_check(runs, counts, drain=lambda queryset: 0.0)
-    except AdmissionRefused:
+    except AdmissionRefused as refused:
         backlog_release(reserved)
+        runs_refused_record(runs, reason=refused.reason)
         # Only a refusal needs to know how fast the backlog drains (for Retry-After): count it now.
         _admission_check(runs, counts, drain=_drain_per_second)
         raise
@@ -456,6 +458,7 @@ def _after_submit(runs: list[Run], executing: list[Run], *, shareable: set) -> N
     except Exception:
         # The runs are stored and stay queued: the caller must not see a failure and submit them again.
         logger.exception("could not dispatch %d queued runs; they stay queued until re-dispatched", len(executing))
+    runs_submitted_record(runs)
 
 
 def run_rerun(*, run: Run, user) -> Run:

@@ -1,0 +1,14 @@
+"""gunicorn's settings file for the web process (the Procfile passes it with `--config python:…`)."""
+
+import os
+import socket
+
+from prometheus_client.multiprocess import mark_process_dead
+
+
+def child_exit(server, worker) -> None:
+    # prometheus-client's bookkeeping for a web process that left: its live gauges must stop counting.
+    # Its files are named as agentplatform.metrics.process_file_id names them (kept free of Django here,
+    # since gunicorn's master process loads this file).
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        mark_process_dead(f"{socket.gethostname().replace('_', '-')}-{worker.pid}")
