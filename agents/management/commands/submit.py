@@ -89,10 +89,16 @@ def batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
 
 
 def _item_errors(exc: RunRejected, count: int) -> tuple[int, dict]:
-    """(index of the refused item, its errors) from a refusal of `count` requests."""
+    """(index of the refused item, its errors) from a refusal of `count` requests.
+
+    A refusal of the batch as a whole, or of several items at once, is no one line's: CommandError.
+    """
     if count == 1:
         return 0, exc.errors
-    ((index, errors),) = exc.errors["runs"].items()
+    items = exc.errors.get("runs")
+    if not isinstance(items, dict) or len(items) != 1:
+        raise CommandError(errors_text(exc.errors)) from exc
+    ((index, errors),) = items.items()
     return int(index), errors
 
 
