@@ -202,7 +202,7 @@ def start_platform(
     processes: Processes, workers: list[str], *, also: tuple[str, ...] = (), env: dict[str, str] | None = None
 ) -> Api:
     """Migrate the throw-away database, start the web process, the Celery `workers` and the other
-    processes `also` (Procfile names, e.g. beat) with honcho, wait until the web process and the
+    processes `also` (Procfile names, e.g. beat) under supervisord, wait until the web process and the
     workers answer, and return an API client of a fresh user."""
     import django
     from django.core.management import call_command
@@ -216,7 +216,7 @@ def start_platform(
     token = Token.objects.create(user=user).key
     port = free_port()
     processes.start(
-        ["honcho", "start", "--procfile", "Procfile", "--env", "/dev/null", "web", *workers, *also],
+        [sys.executable, "bin/procfile", "supervise", "web", *workers, *also],
         env={**(env or {}), "WEB_PORT": str(port)}, log="platform",
     )  # fmt: skip
     wait_for_port(port)

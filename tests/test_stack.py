@@ -1,4 +1,5 @@
-"""`make up` as a user runs it: the whole stack on a fresh SQLite file, driven over HTTP only."""
+"""`make up` as a user runs it: the whole stack on a fresh SQLite file, driven over HTTP (the file is read only to
+see what a stop leaves in it)."""
 
 import base64
 import http.client as http_client
@@ -7,19 +8,22 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import closing, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from django.conf import settings
 
+from agents.models import Run
 from tests.sse import EventStreamClient
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -182,12 +186,17 @@ class Stack:
         except OSError:
             return False
 
-    def run(self, agent: str, input: dict, deadline: float) -> dict:
-        """Submit a run and wait (?wait=20, again if needed) until it has finished."""
-        body = {"agent": agent, "input": input}
+    def submit(self, agent: str, input: dict, tier: str | None = None) -> dict:
+        """Submit a run (as admin, who may use every tier); the run as the API answers it."""
+        body = {"agent": agent, "input": input, **({"tier": tier} if tier else {})}
         status, run = http("POST", f"{self.web}/api/v1/runs/", token=self.token(), body=body)
         if status != 201:
             self.fail(f"submitting {agent} answered {status}: {run}")
+        return run
+
+    def run(self, agent: str, input: dict, deadline: float, tier: str | None = None) -> dict:
+        """Submit a run and wait (?wait=20, again if needed) until it has finished."""
+        run = self.submit(agent, input, tier)
         while run["status"] in {"queued", "running"} and time.monotonic() < deadline:
             status, run = http("GET", f"{self.web}/api/v1/runs/{run['id']}/?wait=20", token=self.token())
             if status != 200:
@@ -217,7 +226,8 @@ def make_up(tmp_path: Path) -> Iterator[Stack]:
     """`make up` in its own session; whatever is left of it is killed on the way out."""
     env = stack_env(tmp_path)
     log = tmp_path / "make-up.log"
-    with log.open("wb") as out:
+    # Appending, as supervisord and the processes write to it: writes at another offset would overwrite them.
+    with log.open("ab") as out:
         process = subprocess.Popen(
             ["make", "up"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
@@ -274,6 +284,25 @@ def tier_workers(stack: Stack) -> dict[str, list[int]]:
     return workers
 
 
+def worker_main_process(stack: Stack, tier: str) -> int:
+    """The pid of the main process of the tier's worker: the one whose parent is none of that worker's."""
+    stack.tree.collect()
+    pids = set(tier_workers(stack).get(tier, []))
+    table = proc_table()
+    mains = [pid for pid in pids if pid in table and table[pid][0] not in pids and table[pid][2] != "Z"]
+    if len(mains) != 1:
+        stack.fail(f"expected one main process of the {tier} worker, found {mains}")
+    return mains[0]
+
+
+def run_row(tmp_path: Path, run_id: str) -> dict:
+    """A run's row as the stack's SQLite database holds it."""
+    with closing(sqlite3.connect(tmp_path / "data" / "agentplatform.sqlite3")) as db:
+        db.row_factory = sqlite3.Row
+        row = db.execute(f"SELECT * FROM {Run._meta.db_table} WHERE id = ?", [run_id.replace("-", "")]).fetchone()
+    return dict(row)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_make_up_serves_the_platform_and_ctrl_c_stops_all_of_it(tmp_path):
@@ -309,7 +338,52 @@ def test_make_up_serves_the_platform_and_ctrl_c_stops_all_of_it(tmp_path):
         assert {os.sched_getscheduler(pid) for pid in workers["batch"]} == {os.SCHED_IDLE}
         assert {os.getpriority(os.PRIO_PROCESS, pid) for pid in workers["batch"]} == {19}
         assert {os.sched_getscheduler(pid) for pid in workers["critical"]} == {os.SCHED_OTHER}
+        # Ctrl-C reaches the process manager alone: no worker process is in the terminal's process group.
+        assert os.getpgid(stack.process.pid) not in {os.getpgid(pid) for pids in workers.values() for pid in pids}
 
+        os.killpg(stack.process.pid, signal.SIGINT)
+        assert stack.stopped_within(STOP_SECONDS) == []
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_run_in_progress_at_ctrl_c_is_queued_again_at_once_and_the_stop_shows_no_traceback(tmp_path):
+    with make_up(tmp_path) as stack:
+        serving(stack)
+        run = stack.submit("sleep", {"seconds": 600})
+        stack.wait_until(
+            "the run starting",
+            lambda: http("GET", f"{stack.web}/api/v1/runs/{run['id']}/", token=stack.token())[1]["status"] == "running",
+            time.monotonic() + START_SECONDS,
+        )
+        before = len(stack.log.read_bytes())
+
+        os.killpg(stack.process.pid, signal.SIGINT)
+
+        assert stack.stopped_within(STOP_SECONDS) == []
+        row = run_row(tmp_path, run["id"])
+        assert (row["status"], row["attempts"], row["lost_attempts"], row["error"]) == ("queued", 0, 0, None)
+        stopping = stack.log.read_bytes()[before:].decode(errors="replace")
+        assert "Traceback" not in stopping, stopping[-6000:]
+        assert "WorkerLost" not in stopping, stopping[-6000:]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_killed_worker_is_restarted_while_the_api_keeps_answering(tmp_path):
+    with make_up(tmp_path) as stack:
+        serving(stack)
+        killed = worker_main_process(stack, "critical")
+
+        os.kill(killed, signal.SIGKILL)
+
+        assert http("GET", f"{stack.web}/api/v1/agents/", token=stack.token())[0] == 200
+        run = stack.run("echo", {"after": "restart"}, time.monotonic() + START_SECONDS, tier="critical")
+        assert run["status"] == "succeeded", run
+        assert worker_main_process(stack, "critical") != killed
+        assert re.search(r"exited: critical \(terminated by SIGKILL; not expected\)", stack.output()), stack.output()
+        assert re.search(r"spawned: 'critical' with pid \d+", stack.output().split("exited: critical", 1)[1])
+        # Nothing of the killed worker is left behind once the stack stops.
         os.killpg(stack.process.pid, signal.SIGINT)
         assert stack.stopped_within(STOP_SECONDS) == []
 
@@ -322,6 +396,17 @@ def test_sigterm_to_make_alone_stops_the_whole_stack(tmp_path):
 
         stack.process.send_signal(signal.SIGTERM)
         assert stack.stopped_within(STOP_SECONDS) == []
+
+
+def test_running_a_process_the_procfile_does_not_list_fails_with_one_line_naming_those_it_does():
+    done = subprocess.run(
+        [sys.executable, "bin/procfile", "run", "no-such-process"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+
+    assert done.returncode != 0
+    (line,) = done.stderr.splitlines()
+    assert "'no-such-process'" in line
+    assert "web, events" in line
 
 
 @pytest.mark.timeout(120)
