@@ -372,3 +372,65 @@ def test_flower_refuses_credentials_without_a_password_and_does_not_echo_them():
     assert done.returncode != 0
     assert "FLOWER_BASIC_AUTH must be user:password" in done.stderr
     assert "only-a-password-pasted-here" not in done.stdout + done.stderr
+
+
+# The pools, as the Procfile runs them.
+
+POOLS = {"critical": "critical", "standard": "standard", "batch": "batch", "housekeeping": "housekeeping"}
+
+
+@pytest.fixture
+def pools(transactional_db, tmp_path) -> Iterator[FlowerStack]:
+    """Flower and the worker of every queue, each started with `bin/procfile run <name>` on this test run's
+    Redis prefix (one process a pool), stopped by pid."""
+    credentials = f"admin:{secrets.token_urlsafe(16)}"
+    flower_port = free_port()
+    env = {
+        **worker_env(),
+        "FLOWER_BASIC_AUTH": credentials,
+        "FLOWER_PORT": str(flower_port),
+        "BIND_HOST": "127.0.0.1",
+        **{f"WORKER_CONCURRENCY_{name.upper()}": "1" for name in POOLS},
+    }
+    started = []
+    try:
+        for name in [*POOLS, "flower"]:
+            started.append(_start([sys.executable, "bin/procfile", "run", name], env, tmp_path / f"{name}.log"))
+        flower = started[-1]
+        stack = FlowerStack(
+            url=f"http://127.0.0.1:{flower_port}", credentials=credentials, redis_password="",
+            redis_url=settings.REDIS_URL, worker="",
+        )  # fmt: skip
+
+        def serving() -> bool:
+            if flower.poll() is not None:
+                pytest.fail(f"Flower exited:\n{(tmp_path / 'flower.log').read_text()[-3000:]}")
+            try:
+                return stack.authorized("/healthcheck")[0] == 200
+            except OSError:
+                return False
+
+        eventually(serving, seconds=START_SECONDS, what="Flower answering")
+        yield stack
+    finally:
+        for process in reversed(started):
+            _stop(process)
+
+
+@pytest.mark.slow
+def test_flower_shows_each_pool_by_name_consuming_its_own_queue(pools):
+    host = socket.gethostname()
+
+    def consuming() -> dict[str, set[str]]:
+        status, body = pools.authorized("/api/workers?refresh=1")
+        assert status == 200, body
+        workers = json.loads(body)
+        queues = {
+            name: {queue["name"] for queue in workers.get(f"{name}@{host}", {}).get("active_queues") or []}
+            for name in POOLS
+        }
+        return queues if all(queues.values()) else {}
+
+    shown = eventually(consuming, seconds=START_SECONDS * 2, what="every pool showing in Flower", every=1)
+
+    assert shown == {name: {queue} for name, queue in POOLS.items()}
