@@ -53,6 +53,12 @@ app.conf.update(
             "schedule": settings.SWEEP_INTERVAL_SECONDS,
             "options": {"queue": HOUSEKEEPING_QUEUE},
         },
+        # Finished runs older than RUN_RETENTION_DAYS (agents/retention.py).
+        "purge-runs": {
+            "task": "agents.purge_runs",
+            "schedule": settings.RUN_PURGE_INTERVAL_SECONDS,
+            "options": {"queue": HOUSEKEEPING_QUEUE},
+        },
     },
     # Per-task events feed Flower's task views; they cost every task a few publishes, so they are
     # off unless asked for (Flower shows workers and queues either way).

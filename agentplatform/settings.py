@@ -250,6 +250,11 @@ SWEEP_MESSAGE_OVERDUE_SECONDS = env_float("SWEEP_MESSAGE_OVERDUE_SECONDS", 300)
 SWEEP_BATCH = env_int("SWEEP_BATCH", 1000)
 RETRY_BACKOFF_BASE_SECONDS = env_float("RETRY_BACKOFF_BASE_SECONDS", 1.0)
 RETRY_BACKOFF_MAX_SECONDS = env_float("RETRY_BACKOFF_MAX_SECONDS", 300.0)
+# Finished runs are deleted once they finished this many days ago (0: kept forever), in batches of
+# RUN_PURGE_BATCH rows, each its own short transaction.
+RUN_RETENTION_DAYS = env_int("RUN_RETENTION_DAYS", 30)
+RUN_PURGE_BATCH = env_int("RUN_PURGE_BATCH", 1000)
+RUN_PURGE_INTERVAL_SECONDS = env_float("RUN_PURGE_INTERVAL_SECONDS", 600)
 
 # Django refuses a body before our own limits can answer 413 with a field-level message.
 DATA_UPLOAD_MAX_MEMORY_SIZE = max(RUN_MAX_INPUT_BYTES, RUN_BATCH_MAX_BYTES) + 64 * 1024

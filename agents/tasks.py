@@ -4,9 +4,10 @@ from billiard.einfo import ExceptionWithTraceback
 from billiard.exceptions import WorkerLostError
 from celery.signals import beat_init
 from celery.worker.request import Request
+from django.conf import settings
 
 from agentplatform.celery import HOUSEKEEPING_QUEUE, platform_task
-from agents import schedules
+from agents import retention, schedules
 from agents.runs import execute, recovery
 from agents.runs.dispatch import EXECUTE_RUN_TASK
 from scheduling.tiers import Tier
@@ -48,6 +49,18 @@ def execute_run(self, *run_ids: str) -> None:
 )
 def sweep(self) -> None:
     recovery.sweep()
+
+
+@platform_task(
+    name=retention.PURGE_TASK,
+    queue=HOUSEKEEPING_QUEUE,
+    soft_time_limit=retention.PURGE_SOFT_TIME_LIMIT_SECONDS,
+    time_limit=retention.PURGE_TIME_LIMIT_SECONDS,
+    # A pass that waited longer than the interval is redundant: the next one is due.
+    expires=settings.RUN_PURGE_INTERVAL_SECONDS,
+)
+def purge_runs(self) -> None:
+    retention.runs_purge()
 
 
 @platform_task(name=schedules.FIRE_SCHEDULE_TASK, queue=HOUSEKEEPING_QUEUE, soft_time_limit=10, time_limit=20)

@@ -247,23 +247,36 @@ class PercentilesSerializer(serializers.Serializer):
     p99 = serializers.FloatField(allow_null=True)
 
 
-class RunCountsSerializer(serializers.Serializer):
-    queued = serializers.IntegerField()
-    running = serializers.IntegerField()
-    succeeded = serializers.IntegerField()
-    failed = serializers.IntegerField()
-    cancelled = serializers.IntegerField()
-    expired = serializers.IntegerField()
+# One count per status a run can have, so that a new status shows in the stats and their schema at once.
+RunCountsSerializer = type(
+    "RunCountsSerializer",
+    (serializers.Serializer,),
+    {status: serializers.IntegerField() for status in RunStatus.values},
+)
 
 
 class StatsBlockSerializer(serializers.Serializer):
     runs = RunCountsSerializer(help_text="Runs submitted in the window, by status.")
-    sla_compliance = serializers.FloatField(
-        allow_null=True, help_text="Percent of the window's finished runs that met their SLA; null when none finished."
+    executed = serializers.IntegerField(
+        help_text="Of those, runs that executed (or are to): neither answered from the result cache nor coalesced."
     )
-    queue_wait_ms = PercentilesSerializer(help_text="Submission to first start, over the window's finished runs.")
-    run_ms = PercentilesSerializer(help_text="Duration of the final attempt, over the window's finished runs.")
+    cached = serializers.IntegerField(help_text="Of those, runs answered from the result cache, without running.")
+    coalesced = serializers.IntegerField(
+        help_text="Of those, runs that followed an identical run in flight and shared its execution."
+    )
+    sla_compliance = serializers.FloatField(
+        allow_null=True,
+        help_text="Percent of the window's executed runs that finished and met their SLA; null when none finished.",
+    )
+    queue_wait_ms = PercentilesSerializer(
+        help_text="Submission to first start, over the window's finished executed runs."
+    )
+    run_ms = PercentilesSerializer(help_text="Duration of the final attempt, over the window's finished executed runs.")
+    finished_per_minute = serializers.FloatField(
+        help_text="Throughput: runs that ended within the window (whenever submitted), per minute."
+    )
     backlog = serializers.IntegerField(help_text="Runs queued now, whenever submitted.")
+    running_now = serializers.IntegerField(help_text="Runs running now, whenever submitted.")
 
 
 class TierStatsSerializer(serializers.Serializer):

@@ -210,7 +210,9 @@ class StatsView(APIView):
     )
     def get(self, request: Request) -> Response:
         """Per tier and per agent, over your runs (all runs for staff) submitted within the window:
-        runs by status, SLA compliance, queue-wait and run-time percentiles, and the backlog queued now."""
+        runs by status, executed apart from cached and coalesced, SLA compliance and queue-wait and
+        run-time percentiles of executed runs, throughput (runs finished per minute), and the backlog
+        queued and the runs running now."""
         query = StatsQuerySerializer(data=request.query_params)
         query.is_valid(raise_exception=True)
         stats = run_stats(runs=run_visible_to(request.user), window=query.validated_data["window"])

@@ -27,6 +27,7 @@ from agents.registry import registry
 from agents.runs.coalescing import followed_settle, runs_follow_inflight, runs_lead
 from agents.runs.dispatch import run_dispatch
 from agents.runs.finish import runs_answer_from_cache
+from agents.stats import admission_refusals_record
 from scheduling.admission import HIGHER_TIERS, AdmissionRefused, Backlog, admission_check, share_check, share_limit
 from scheduling.backlog import agent_field, backlog_fields, backlog_release, backlog_reserve, tier_field, user_field
 from scheduling.sla import escalation_due, run_deadline
@@ -393,6 +394,7 @@ def _admit(runs: list[Run]) -> Counter[str]:
     except AdmissionRefused as refused:
         backlog_release(reserved)
         runs_refused_record(runs, reason=refused.reason)
+        admission_refusals_record(Counter(str(run.tier) for run in runs))
         # Only a refusal needs to know how fast the backlog drains (for Retry-After): count it now.
         _admission_check(runs, counts, drain=_drain_per_second)
         raise

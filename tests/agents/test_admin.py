@@ -1,3 +1,4 @@
+import uuid
 from datetime import timedelta
 
 import pytest
@@ -7,7 +8,9 @@ from django.urls import reverse
 from django.utils import timezone
 
 from agentplatform.redis_client import redis_client
+from agents.admin import RUN_FIELDS_SHOWN_AS
 from agents.models import Agent, Run, RunStatus
+from agents.retention import retention_last_purge_key, runs_purge
 from agents.topics import topic_message_dispatch, topic_stats_key
 from scheduling.tiers import Tier
 from tests.factories import RunFactory, UserFactory
@@ -39,11 +42,13 @@ def tunables(agent: Agent, **changes) -> dict:
         "max_retries": agent.max_retries,
         "cache_ttl": agent.cache_ttl,
         "enabled": agent.enabled,
+        "backlog_limit": agent.backlog_limit,
+        "concurrency_limit": agent.concurrency_limit,
         **changes,
     }
     if not data["enabled"]:
         del data["enabled"]  # an unticked checkbox is not posted
-    return data
+    return {field: "" if value is None else value for field, value in data.items()}  # an empty field posts ""
 
 
 def messages_of(response) -> list[str]:
@@ -83,6 +88,8 @@ def test_editing_agent_tunables_persists(staff_client, echo):
         "max_retries": 2,
         "cache_ttl": 600,
         "enabled": False,
+        "backlog_limit": 50,
+        "concurrency_limit": 3,
     }
 
     response = staff_client.post(agent_url(echo), tunables(echo, **changes))
@@ -322,3 +329,210 @@ def test_view_only_staff_cannot_use_run_actions(client, run):
     assert "cancel_runs" not in listing.content.decode()
     assert response.status_code == 200  # the admin ignores an action it does not offer
     assert Run.objects.get(pk=queued.pk).status == RunStatus.QUEUED
+
+
+def test_the_agent_page_offers_every_tunable_the_readme_names(staff_client, echo):
+    form = staff_client.get(agent_url(echo)).context["adminform"].form
+
+    assert set(form.fields) == {
+        "tier", "sla_seconds", "soft_time_limit", "time_limit", "max_retries", "cache_ttl", "enabled",
+        "backlog_limit", "concurrency_limit",
+    }  # fmt: skip
+
+
+def test_emptying_an_agents_own_limits_sets_them_back_to_none(staff_client, echo):
+    Agent.objects.filter(pk=echo.pk).update(backlog_limit=10, concurrency_limit=2)
+    echo.refresh_from_db()
+
+    response = staff_client.post(agent_url(echo), tunables(echo, backlog_limit="", concurrency_limit=""))
+
+    assert response.status_code == 302
+    echo.refresh_from_db()
+    assert (echo.backlog_limit, echo.concurrency_limit) == (None, None)
+
+
+@pytest.mark.parametrize(
+    ("field", "message"),
+    [
+        ("backlog_limit", "Must be at least 1; leave it empty for the tier's limit."),
+        ("concurrency_limit", "Must be at least 1; leave it empty for no limit."),
+    ],
+)
+def test_a_limit_of_zero_shows_a_field_error_and_leaves_the_agent_unchanged(staff_client, echo, field, message):
+    before = Agent.objects.values().get(pk=echo.pk)
+
+    response = staff_client.post(agent_url(echo), tunables(echo, **{field: 0}))
+
+    assert response.status_code == 200
+    assert response.context["adminform"].form.errors == {field: [message]}
+    assert Agent.objects.values().get(pk=echo.pk) == before
+
+
+def test_a_backlog_limit_set_in_the_admin_refuses_submissions_beyond_it(staff_client, echo, api):
+    staff_client.post(agent_url(echo), tunables(echo, backlog_limit=1))
+
+    first = api.post("/api/v1/runs/", {"agent": "echo", "input": {"n": 1}}, format="json")
+    second = api.post("/api/v1/runs/", {"agent": "echo", "input": {"n": 2}}, format="json")
+
+    assert (first.status_code, second.status_code) == (201, 429)
+    assert "agent 'echo' backlog is 1 runs; the limit is 1." in second.json()["detail"]
+
+
+def test_the_run_page_shows_every_field_of_the_run(staff_client):
+    leader = RunFactory(finished=True)
+    run = RunFactory(
+        follows=leader,
+        parent=leader,
+        expires_at=timezone.now() + timedelta(hours=1),
+        escalate_at=timezone.now() + timedelta(minutes=1),
+        sla_miss="queue_wait",
+    )
+
+    html = staff_client.get(run_url(run)).content.decode()
+
+    for field in Run._meta.concrete_fields:
+        shown_as = RUN_FIELDS_SHOWN_AS.get(field.name, field.name)
+        assert f'class="form-row field-{shown_as}' in html, f"{field.name} is not on the run page"
+    assert f'<a href="{run_url(leader)}">{leader.pk}</a>' in html  # follows and parent link to that run
+
+
+def test_a_queued_runs_page_has_cancel_and_run_again_buttons(staff_client):
+    run = RunFactory()
+
+    html = staff_client.get(run_url(run)).content.decode()
+
+    assert f'action="{reverse("admin:agents_run_cancel", args=[run.pk])}"' in html
+    assert f'action="{reverse("admin:agents_run_run_again", args=[run.pk])}"' in html
+    assert 'name="csrfmiddlewaretoken"' in html
+
+
+def test_a_finished_runs_page_has_run_again_but_no_cancel(staff_client, run):
+    html = staff_client.get(run_url(run)).content.decode()
+
+    assert reverse("admin:agents_run_cancel", args=[run.pk]) not in html
+    assert reverse("admin:agents_run_run_again", args=[run.pk]) in html
+
+
+def test_view_only_staff_see_no_run_buttons_and_cannot_use_them(client, run):
+    viewer = UserFactory(is_staff=True)
+    viewer.user_permissions.add(Permission.objects.get(codename="view_run"))
+    client.force_login(viewer)
+    queued = RunFactory()
+
+    html = client.get(run_url(queued)).content.decode()
+    response = client.post(reverse("admin:agents_run_cancel", args=[queued.pk]))
+
+    assert "run-button" not in html
+    assert response.status_code == 403
+    assert Run.objects.get(pk=queued.pk).status == RunStatus.QUEUED
+
+
+def test_the_cancel_button_cancels_the_run(staff_client):
+    run = RunFactory()
+
+    response = staff_client.post(reverse("admin:agents_run_cancel", args=[run.pk]))
+
+    assert response.status_code == 302
+    assert response["Location"] == run_url(run)
+    assert messages_of(response) == [f"Cancelled run {run.pk}."]
+    assert Run.objects.get(pk=run.pk).status == RunStatus.CANCELLED
+
+
+def test_the_cancel_button_on_a_finished_run_says_so(staff_client, run):
+    response = staff_client.post(reverse("admin:agents_run_cancel", args=[run.pk]))
+
+    assert response.status_code == 302
+    assert messages_of(response) == [
+        f"Run {run.pk} was not cancelled: the run already finished (succeeded) and cannot be cancelled."
+    ]
+    assert Run.objects.get(pk=run.pk).status == RunStatus.SUCCEEDED
+
+
+def test_the_run_buttons_answer_only_post(staff_client, run):
+    for name in ("admin:agents_run_cancel", "admin:agents_run_run_again"):
+        assert staff_client.get(reverse(name, args=[run.pk])).status_code == 405
+    assert Run.objects.count() == 1
+
+
+def test_a_run_button_for_a_run_that_does_not_exist_says_so(staff_client, db):
+    missing = uuid.uuid4()
+
+    response = staff_client.post(reverse("admin:agents_run_cancel", args=[missing]))
+
+    assert response["Location"] == RUNS_URL
+    assert messages_of(response) == [f"No run has the id '{missing}'."]
+
+
+def test_the_run_again_button_submits_a_new_run_and_opens_it(staff_client, staff, run):
+    response = staff_client.post(reverse("admin:agents_run_run_again", args=[run.pk]))
+
+    new = Run.objects.exclude(pk=run.pk).get()
+    assert response.status_code == 302
+    assert response["Location"] == run_url(new)
+    assert messages_of(response) == [f"Submitted run {new.pk}, a new run of {run.pk}."]
+    assert (new.input, new.tier, new.status, new.submitted_by_id) == (run.input, run.tier, RunStatus.QUEUED, staff.pk)
+
+
+def test_the_run_again_button_refused_by_admission_shows_why_instead_of_an_error(staff_client, run, settings):
+    settings.TIER_BACKLOG_LIMITS = {**settings.TIER_BACKLOG_LIMITS, "critical": 0}
+
+    response = staff_client.post(reverse("admin:agents_run_run_again", args=[run.pk]), follow=True)
+
+    assert response.status_code == 200
+    assert messages_of(response) == [f"Could not run again run {run.pk}: critical backlog is 0 runs; the limit is 0."]
+    assert Run.objects.count() == 1
+
+
+def test_the_run_again_action_reports_runs_refused_by_admission(staff_client, run, settings):
+    settings.TIER_BACKLOG_LIMITS = {**settings.TIER_BACKLOG_LIMITS, "critical": 0}
+
+    response = staff_client.post(RUNS_URL, {"action": "run_again", "_selected_action": [run.pk]})
+
+    assert response.status_code == 302
+    assert messages_of(response) == [
+        "Submitted 0 new runs.",
+        f"Refused 1: {run.pk} (critical backlog is 0 runs; the limit is 0.)",
+    ]
+
+
+@pytest.fixture
+def redis_unreachable(settings) -> None:
+    settings.REDIS_URL = "redis://127.0.0.1:1/0"  # nothing listens there
+
+
+@pytest.mark.usefixtures("redis_unreachable")
+def test_the_cancel_button_without_redis_still_cancels_the_run(staff_client):
+    run = RunFactory()
+
+    response = staff_client.post(reverse("admin:agents_run_cancel", args=[run.pk]), follow=True)
+
+    assert response.status_code == 200
+    assert messages_of(response) == [f"Cancelled run {run.pk}."]
+    assert Run.objects.get(pk=run.pk).status == RunStatus.CANCELLED
+
+
+@pytest.mark.usefixtures("redis_unreachable")
+def test_the_clear_cache_action_without_redis_shows_a_message_not_an_error_page(staff_client, echo):
+    response = staff_client.post(AGENTS_URL, {"action": "clear_cache", "_selected_action": [echo.pk]})
+
+    assert response.status_code == 302
+    assert messages_of(response) == ["Could not clear cached results: Redis does not answer."]
+
+
+def test_the_runs_list_says_how_long_runs_are_kept_and_when_they_were_last_purged(staff_client, settings):
+    settings.RUN_RETENTION_DAYS = 30
+    redis_client().delete(retention_last_purge_key())
+    RunFactory(finished=True, submitted_at=timezone.now() - timedelta(days=40))
+    RunFactory(finished=True, submitted_at=timezone.now() - timedelta(days=50))
+    report = runs_purge()
+
+    html = staff_client.get(RUNS_URL).content.decode()
+
+    at = report.at.strftime("%Y-%m-%d %H:%M:%S")
+    assert f"Finished runs are deleted 30 days after they finished. Last purge: {at} UTC, 2 deleted." in html
+
+
+def test_the_runs_list_says_runs_are_kept_forever_with_a_retention_of_zero(staff_client, settings):
+    settings.RUN_RETENTION_DAYS = 0
+
+    assert "Finished runs are kept forever" in staff_client.get(RUNS_URL).content.decode()

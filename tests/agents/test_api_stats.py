@@ -31,11 +31,16 @@ def test_stats_answer_per_tier_and_per_agent_over_the_last_hour_by_default(api, 
     assert abs(datetime.fromisoformat(body["generated_at"]) - timezone.now()) < timedelta(minutes=1)
     assert list(body["tiers"]) == ["critical", "standard", "batch"]
     assert body["agents"]["echo"] == {
-        "runs": {"queued": 1, "running": 0, "succeeded": 1, "failed": 0, "cancelled": 0, "expired": 0},
+        "runs": dict.fromkeys(RunStatus.values, 0) | {"queued": 1, "succeeded": 1},
+        "executed": 2,
+        "cached": 0,
+        "coalesced": 0,
         "sla_compliance": 100.0,
         "queue_wait_ms": {"p50": 8.0, "p95": 8.0, "p99": 8.0},
         "run_ms": {"p50": 120.0, "p95": 120.0, "p99": 120.0},
+        "finished_per_minute": round(1 / 60, 3),
         "backlog": 1,
+        "running_now": 0,
     }
     assert body["tiers"]["standard"] == body["agents"]["echo"]
     assert body["tiers"]["critical"]["sla_compliance"] is None
@@ -100,9 +105,29 @@ def test_stats_are_described_in_the_openapi_schema(db):
         "$ref": "#/components/schemas/Stats"
     }
     block = schema["components"]["schemas"]["StatsBlock"]
-    assert set(block["properties"]) == {"runs", "sla_compliance", "queue_wait_ms", "run_ms", "backlog"}
+    assert set(block["properties"]) == {
+        "runs", "executed", "cached", "coalesced", "sla_compliance", "queue_wait_ms", "run_ms",
+        "finished_per_minute", "backlog", "running_now",
+    }  # fmt: skip
     assert set(schema["components"]["schemas"]["RunCounts"]["properties"]) == set(RunStatus.values)
 
 
 def test_the_longest_window_is_accepted_written_with_leading_zeros(api):
     assert api.get(URL, {"window": "000168h"}).json()["window_seconds"] == 7 * 86400
+
+
+def test_stats_count_cached_and_coalesced_runs_apart_and_leave_them_out_of_sla_and_latency(api, echo):
+    leader = RunFactory(agent=echo, submitted_by=api.user, finished=True, sla_met=False, run_ms=300, queue_wait_ms=5)
+    now = timezone.now()
+    RunFactory.create_batch(
+        3, agent=echo, submitted_by=api.user, status=RunStatus.SUCCEEDED, cached=True, sla_met=True, finished_at=now
+    )
+    RunFactory(
+        agent=echo, submitted_by=api.user, status=RunStatus.SUCCEEDED, follows=leader, sla_met=True, finished_at=now
+    )
+
+    block = api.get(URL).json()["agents"]["echo"]
+
+    assert (block["executed"], block["cached"], block["coalesced"]) == (1, 3, 1)
+    assert block["sla_compliance"] == 0.0
+    assert block["run_ms"]["p50"] == 300.0

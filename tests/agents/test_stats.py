@@ -1,14 +1,26 @@
 import random
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from django.db import connection
 from django.urls import reverse
 from django.utils import timezone
 
+from agentplatform.redis_client import redis_client
 from agents import stats as stats_module
 from agents.models import Agent, Run, RunStatus
-from agents.stats import agent_stats, parse_window, percentile_cont, run_stats, tier_stats
+from agents.stats import (
+    admission_refusals,
+    admission_refusals_key,
+    admission_refusals_record,
+    agent_stats,
+    bucket_starts,
+    parse_window,
+    percentile_cont,
+    run_stats,
+    tier_series,
+    tier_stats,
+)
 from scheduling.tiers import Tier
 from tests.factories import RunFactory, StaffFactory
 
@@ -23,6 +35,11 @@ def echo(db) -> Agent:
 @pytest.fixture
 def factorize(db) -> Agent:
     return Agent.objects.get(name="factorize")
+
+
+def counts(**by_status: int) -> dict[str, int]:
+    """Runs by status as the stats give them: every status, 0 unless given."""
+    return dict.fromkeys(RunStatus.values, 0) | by_status
 
 
 def database_percentiles(values: list[float], fractions: list[float]) -> list[float] | None:
@@ -93,21 +110,11 @@ def test_runs_are_counted_by_status_per_tier_and_per_agent(echo, factorize):
 
     stats = run_stats(runs=Run.objects.all(), window=HOUR)
 
-    assert stats["tiers"]["standard"]["runs"] == {
-        "queued": 2, "running": 1, "succeeded": 3, "failed": 0, "cancelled": 0, "expired": 0,
-    }  # fmt: skip
-    assert stats["tiers"]["critical"]["runs"] == {
-        "queued": 0, "running": 0, "succeeded": 0, "failed": 1, "cancelled": 0, "expired": 0,
-    }  # fmt: skip
-    assert stats["tiers"]["batch"]["runs"] == {
-        "queued": 0, "running": 0, "succeeded": 0, "failed": 0, "cancelled": 1, "expired": 1,
-    }  # fmt: skip
-    assert stats["agents"]["echo"]["runs"] == {
-        "queued": 2, "running": 1, "succeeded": 3, "failed": 1, "cancelled": 0, "expired": 0,
-    }  # fmt: skip
-    assert stats["agents"]["factorize"]["runs"] == {
-        "queued": 0, "running": 0, "succeeded": 0, "failed": 0, "cancelled": 1, "expired": 1,
-    }  # fmt: skip
+    assert stats["tiers"]["standard"]["runs"] == counts(queued=2, running=1, succeeded=3)
+    assert stats["tiers"]["critical"]["runs"] == counts(failed=1)
+    assert stats["tiers"]["batch"]["runs"] == counts(cancelled=1, expired=1)
+    assert stats["agents"]["echo"]["runs"] == counts(queued=2, running=1, succeeded=3, failed=1)
+    assert stats["agents"]["factorize"]["runs"] == counts(cancelled=1, expired=1)
 
 
 @pytest.mark.django_db
@@ -118,10 +125,15 @@ def test_every_tier_and_every_registered_agent_has_a_block_even_without_runs():
     assert set(stats["agents"]) == set(Agent.objects.filter(registered=True).values_list("name", flat=True))
     assert stats["agents"]["echo"] == {
         "runs": dict.fromkeys(RunStatus.values, 0),
+        "executed": 0,
+        "cached": 0,
+        "coalesced": 0,
         "sla_compliance": None,
         "queue_wait_ms": {"p50": None, "p95": None, "p99": None},
         "run_ms": {"p50": None, "p95": None, "p99": None},
+        "finished_per_minute": 0.0,
         "backlog": 0,
+        "running_now": 0,
     }
 
 
@@ -281,3 +293,197 @@ def test_the_agent_changelist_queries_do_not_grow_with_the_agents_on_the_page(
 
     with django_assert_max_num_queries(baseline):
         client.get(reverse("admin:agents_agent_changelist"))
+
+
+@pytest.mark.django_db
+def test_cached_and_coalesced_runs_are_counted_apart_from_executed_ones(echo):
+    now = timezone.now()
+    leader = RunFactory(agent=echo, finished=True)
+    RunFactory.create_batch(2, agent=echo, finished=True)
+    RunFactory.create_batch(3, agent=echo, status=RunStatus.SUCCEEDED, cached=True, sla_met=True, finished_at=now)
+    RunFactory(agent=echo, status=RunStatus.SUCCEEDED, follows=leader, sla_met=True, finished_at=now)
+
+    block = agent_stats(runs=Run.objects.all(), window=HOUR)["echo"]
+
+    assert (block["executed"], block["cached"], block["coalesced"]) == (3, 3, 1)
+    assert block["runs"]["succeeded"] == 7
+
+
+@pytest.mark.django_db
+def test_sla_compliance_is_over_executed_runs_only(echo):
+    now = timezone.now()
+    leader = RunFactory(agent=echo, finished=True, sla_met=True)
+    RunFactory(agent=echo, finished=True, status=RunStatus.FAILED, sla_met=False)
+    RunFactory.create_batch(8, agent=echo, status=RunStatus.SUCCEEDED, cached=True, sla_met=True, finished_at=now)
+    RunFactory(agent=echo, status=RunStatus.SUCCEEDED, follows=leader, sla_met=True, finished_at=now)
+
+    assert tier_stats(runs=Run.objects.all(), window=HOUR)["standard"]["sla_compliance"] == 50.0
+
+
+@pytest.mark.django_db
+def test_latency_percentiles_leave_out_runs_that_shared_another_runs_work(echo):
+    leader = RunFactory(agent=echo, finished=True, run_ms=100, queue_wait_ms=20)
+    # With zero timings, as a run that never started would read if its timings were filled in.
+    RunFactory.create_batch(5, agent=echo, finished=True, cached=True, run_ms=0, queue_wait_ms=0)
+    RunFactory.create_batch(5, agent=echo, finished=True, follows=leader, run_ms=0, queue_wait_ms=0)
+
+    block = agent_stats(runs=Run.objects.all(), window=HOUR)["echo"]
+
+    assert block["run_ms"] == {"p50": 100.0, "p95": 100.0, "p99": 100.0}
+    assert block["queue_wait_ms"] == {"p50": 20.0, "p95": 20.0, "p99": 20.0}
+
+
+@pytest.mark.django_db
+def test_throughput_is_the_runs_finished_within_the_window_per_minute(echo):
+    now = timezone.now()
+    RunFactory.create_batch(29, agent=echo, finished=True)
+    # Submitted before the window, finished within it: it counts.
+    RunFactory(
+        agent=echo,
+        finished=True,
+        submitted_at=now - 2 * HOUR,
+        started_at=now - timedelta(minutes=10),
+        finished_at=now - timedelta(minutes=5),
+    )
+    # Finished before the window: it does not.
+    RunFactory(agent=echo, finished=True, submitted_at=now - 3 * HOUR)
+
+    block = tier_stats(runs=Run.objects.all(), window=timedelta(minutes=15), now=now)["standard"]
+
+    assert block["finished_per_minute"] == 2.0
+
+
+@pytest.mark.django_db
+def test_running_now_counts_the_runs_running_whenever_they_were_submitted(echo):
+    RunFactory.create_batch(2, agent=echo, status=RunStatus.RUNNING)
+    RunFactory(agent=echo, status=RunStatus.RUNNING, submitted_at=timezone.now() - timedelta(days=3))
+
+    block = tier_stats(runs=Run.objects.all(), window=HOUR)["standard"]
+
+    assert block["running_now"] == 3
+    assert block["runs"]["running"] == 2
+
+
+# A fixed clock, half a minute into a minute: the buckets' edges are known.
+NOON = datetime(2026, 1, 5, 12, 0, 30, tzinfo=UTC)
+
+
+def finished_at(at: datetime, **fields) -> Run:
+    """A run that finished at `at`, having started 100 ms before (run_ms 100, queue wait 10 ms)."""
+    fields.setdefault("agent", Agent.objects.get(name="echo"))
+    started = at - timedelta(milliseconds=100)
+    return RunFactory(
+        finished=True, submitted_at=started - timedelta(milliseconds=10), started_at=started, finished_at=at, **fields
+    )
+
+
+@pytest.mark.django_db
+def test_the_series_counts_the_runs_finished_in_each_bucket_per_tier(factorize):
+    for _ in range(3):
+        finished_at(NOON - timedelta(minutes=4, seconds=50))
+    finished_at(NOON - timedelta(minutes=1, seconds=31), agent=factorize)
+    finished_at(NOON - timedelta(seconds=20))
+    finished_at(NOON - timedelta(seconds=10))
+    finished_at(NOON - timedelta(minutes=20))  # before the window
+
+    series = tier_series(runs=Run.objects.all(), window=timedelta(minutes=10), bucket_seconds=60, now=NOON)
+
+    assert series["starts"][0] == datetime(2026, 1, 5, 11, 50, tzinfo=UTC)
+    assert series["starts"][-1] == datetime(2026, 1, 5, 12, 0, tzinfo=UTC)
+    standard = series["tiers"]["standard"]["finished_per_minute"]
+    assert len(standard) == 11
+    assert standard[5] == 3.0
+    # The last minute has lasted 30 s so far: two runs in it finish at four a minute.
+    assert standard[10] == 4.0
+    assert sum(standard) == 7.0
+    assert series["tiers"]["batch"]["finished_per_minute"][8] == 1.0
+    assert series["tiers"]["critical"]["finished_per_minute"] == [0.0] * 11
+
+
+@pytest.mark.django_db
+def test_the_series_gives_latency_and_sla_of_executed_runs_and_counts_the_shared_ones_per_bucket():
+    at = NOON - timedelta(minutes=8)
+    leader = finished_at(at, run_ms=10, sla_met=True)
+    finished_at(at, run_ms=20, sla_met=True)
+    finished_at(at, run_ms=30, sla_met=False)
+    finished_at(at, cached=True, run_ms=0, sla_met=True)
+    finished_at(at, follows=leader, run_ms=0, sla_met=True)
+
+    series = tier_series(runs=Run.objects.all(), window=timedelta(minutes=10), bucket_seconds=60, now=NOON)
+
+    standard = series["tiers"]["standard"]
+    assert (standard["executed"][2], standard["cached"][2], standard["coalesced"][2]) == (3, 1, 1)
+    assert standard["run_ms"]["p50"][2] == 20.0
+    assert standard["sla_compliance"][2] == 66.67
+    assert standard["run_ms"]["p50"][3] is None
+    assert standard["sla_compliance"][3] is None
+
+
+@pytest.mark.django_db
+def test_the_series_python_fallback_gives_the_same_figures_as_the_database(monkeypatch, echo, factorize):
+    rng = random.Random(5)
+    for agent in (echo, factorize):
+        for _ in range(80):
+            finished_at(
+                NOON - timedelta(seconds=rng.randrange(0, 7200)),
+                agent=agent,
+                run_ms=rng.randrange(1, 10_000),
+                sla_met=rng.random() < 0.9,
+            )
+
+    in_database = tier_series(runs=Run.objects.all(), window=HOUR, bucket_seconds=300, now=NOON)
+    monkeypatch.setattr(stats_module, "_percentiles_in_database", lambda db: False)
+    in_python = tier_series(runs=Run.objects.all(), window=HOUR, bucket_seconds=300, now=NOON)
+
+    assert in_python == in_database
+    assert any(value is not None for value in in_database["tiers"]["batch"]["run_ms"]["p95"])
+
+
+@pytest.fixture
+def refusals_counted_from_empty() -> None:
+    """This run's refusal counters of the past two hours (other tests' refusals included) removed."""
+    hour = int(timezone.now().timestamp()) // 3600
+    redis_client().delete(admission_refusals_key(hour), admission_refusals_key(hour - 1))
+
+
+def test_admission_refusals_are_counted_per_tier_in_each_bucket():
+    now = datetime(2026, 1, 6, 12, 0, 30, tzinfo=UTC)
+    admission_refusals_record({"batch": 3}, at=now - timedelta(minutes=5, seconds=20))  # 11:55:10
+    admission_refusals_record({"batch": 1, "critical": 2}, at=now - timedelta(minutes=4, seconds=40))  # 11:55:50
+    admission_refusals_record({"standard": 4}, at=now - timedelta(minutes=30))  # before the window
+
+    starts = bucket_starts(window=timedelta(minutes=10), bucket_seconds=60, now=now)
+    refusals = admission_refusals(starts=starts, bucket_seconds=60, now=now)
+
+    assert refusals["batch"][5] == 4
+    assert refusals["critical"][5] == 2
+    assert sum(refusals["batch"]) == 4
+    assert refusals["standard"] == [0] * 11
+
+
+def test_admission_refusals_of_a_longer_bucket_add_up_its_minutes():
+    now = datetime(2026, 1, 7, 12, 10, tzinfo=UTC)
+    for minutes in (1, 15, 29):
+        admission_refusals_record({"standard": 1}, at=datetime(2026, 1, 7, 11, minutes, tzinfo=UTC))
+    admission_refusals_record({"standard": 5}, at=datetime(2026, 1, 7, 11, 45, tzinfo=UTC))
+
+    starts = bucket_starts(window=timedelta(hours=2), bucket_seconds=1800, now=now)
+    refusals = admission_refusals(starts=starts, bucket_seconds=1800, now=now)
+
+    assert starts[2] == datetime(2026, 1, 7, 11, 0, tzinfo=UTC)
+    assert refusals["standard"][2:4] == [3, 5]
+
+
+@pytest.mark.usefixtures("refusals_counted_from_empty")
+def test_a_submission_refused_admission_is_counted_as_refused(api, settings):
+    settings.TIER_BACKLOG_LIMITS = {**settings.TIER_BACKLOG_LIMITS, "standard": 1}
+    assert api.post("/api/v1/runs/", {"agent": "echo", "input": {"n": 1}}, format="json").status_code == 201
+
+    refused = api.post(
+        "/api/v1/runs/batch/", {"runs": [{"agent": "echo", "input": {"n": n}} for n in (2, 3)]}, format="json"
+    )
+
+    assert refused.status_code == 429
+    now = timezone.now()
+    starts = bucket_starts(window=timedelta(minutes=2), bucket_seconds=60, now=now)
+    assert sum(admission_refusals(starts=starts, bucket_seconds=60, now=now)["standard"]) == 2
