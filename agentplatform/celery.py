@@ -1,13 +1,14 @@
 """The Celery app: one queue per tier and one for housekeeping, routes, and worker defaults."""
 
+import contextlib
 import os
 from collections.abc import Callable
 from typing import Any
 
 from celery import Celery, Task
-from celery.signals import task_prerun
+from celery.signals import task_prerun, worker_process_init
 from django.conf import settings
-from django.db import close_old_connections
+from django.db import close_old_connections, connections
 from kombu import Queue
 
 # Registers the worker's `inspect conf` and `inspect report` answers (Flower's worker page) with secrets masked.
@@ -70,6 +71,31 @@ app.conf.update(
 # still drops a broken connection (or hands a pooled one back).
 app.conf.update(CELERY_DB_REUSE_MAX=settings.WORKER_DB_REUSE_MAX)
 app.autodiscover_tasks()
+
+
+@worker_process_init.connect
+def _database_pools_not_inherited(**kwargs: Any) -> None:
+    """A new pool process starts without the main process's pooled database connections.
+
+    The main process uses the database too (lease heartbeats, recording what a dead process left),
+    and Django's pool of PostgreSQL connections is shared by the whole process: a forked process
+    would otherwise take the parent's idle connections, whose sockets the parent still uses, and
+    the two would read each other's answers. Their descriptors are closed here (which leaves the
+    parent's sockets open) and the pools forgotten; the process opens its own on first use.
+    """
+    for connection in connections.all(initialized_only=True):
+        pools = getattr(type(connection), "_connection_pools", None)
+        for pool in (pools or {}).values():
+            for pooled in list(getattr(pool, "_pool", ())):
+                with contextlib.suppress(Exception):
+                    os.close(pooled.fileno())
+        if pools:
+            pools.clear()
+        if connection.connection is not None and getattr(connection.connection, "_pool", None) is not None:
+            with contextlib.suppress(Exception):
+                os.close(connection.connection.fileno())
+            # Forgotten, not closed: closing would hand it back to the parent's pool over the shared socket.
+            connection.connection = None
 
 
 @task_prerun.connect

@@ -3,10 +3,13 @@
 A run event is one JSON object, published on the run's, its agent's and the global channel:
 
     {"event": "succeeded", "run": "<uuid>", "agent": "echo", "tier": "standard",
-     "status": "succeeded", "attempt": 1, "user": 7, "at": "2026-11-27T19:44:28.123456+00:00"}
+     "status": "succeeded", "attempt": 1, "user": 7, "parent": null, "root": null,
+     "at": "2026-11-27T19:44:28.123456+00:00"}
 
-`event` is one of queued, started, retrying, succeeded, failed, cancelled, expired; `user` is the
-id of the run's submitter (null for runs nobody submitted, such as topic runs without an origin).
+`event` is one of queued, started, retrying, waiting, succeeded, failed, cancelled, expired; `user`
+is the id of the run's submitter (null for runs nobody submitted, such as topic runs without an
+origin); `parent` and `root` name the run's parent and the top of its tree (null for a run on its
+own). An event of a run in a tree is also published on its root's run channel.
 
 Events may be lost (a waiter reads the run row again). Topic messages may not: each is appended, as
 the field `envelope` of an entry, to the topic's stream, which the dispatchers' consumer group reads
@@ -30,7 +33,7 @@ from agentplatform.redis_client import redis_client, redis_key
 
 logger = logging.getLogger(__name__)
 
-RUN_EVENTS = ("queued", "started", "retrying", "succeeded", "failed", "cancelled", "expired")
+RUN_EVENTS = ("queued", "started", "retrying", "waiting", "succeeded", "failed", "cancelled", "expired")
 TOPIC_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,99}$")
 # The one consumer group of every topic stream: the platform's dispatchers share its messages.
 TOPIC_GROUP = "dispatchers"
@@ -90,7 +93,16 @@ def topic_stream(topic: str) -> str:
 
 
 def run_event(
-    *, event: str, run_id: object, agent: str, tier: str, status: str, attempt: int, user: int | None = None
+    *,
+    event: str,
+    run_id: object,
+    agent: str,
+    tier: str,
+    status: str,
+    attempt: int,
+    user: int | None = None,
+    parent: object = None,
+    root: object = None,
 ) -> dict[str, Any]:
     if event not in RUN_EVENTS:
         raise ValueError(f"unknown run event {event!r}")
@@ -102,6 +114,8 @@ def run_event(
         "status": status,
         "attempt": attempt,
         "user": user,
+        "parent": str(parent) if parent else None,
+        "root": str(root) if root else None,
         "at": timezone.now().isoformat(),
     }
 
@@ -110,7 +124,7 @@ def event_of_run(run: Any, event: str) -> dict[str, Any]:
     """The event for a run row, as it stands."""
     return run_event(
         event=event, run_id=run.pk, agent=run.agent.name, tier=run.tier, status=run.status, attempt=run.attempts,
-        user=run.submitted_by_id,
+        user=run.submitted_by_id, parent=run.parent_id, root=run.root,
     )  # fmt: skip
 
 
@@ -134,6 +148,9 @@ def queue_run_events(pipe: redis.client.Pipeline, events: Iterable[dict[str, Any
     for event in events:
         payload = json.dumps(event)
         pipe.publish(run_channel(event["run"]), payload)
+        if event.get("root"):
+            # Whoever follows a tree follows its root's channel.
+            pipe.publish(run_channel(event["root"]), payload)
         pipe.publish(agent_channel(event["agent"]), payload)
         pipe.publish(all_channel(), payload)
 

@@ -1,6 +1,7 @@
 """Settings for agentplatform: every knob is read from the environment here, with a safe local default."""
 
 import os
+import tempfile
 from pathlib import Path
 
 import dj_database_url
@@ -210,6 +211,8 @@ RUN_BATCH_MAX_BYTES = env_int("RUN_BATCH_MAX_BYTES", 16 * 1024 * 1024)
 # Deepest nesting of arrays and objects in a run's input (the input object itself is level 1).
 RUN_INPUT_MAX_DEPTH = env_int("RUN_INPUT_MAX_DEPTH", 64)
 RUN_WAIT_MAX_SECONDS = env_float("RUN_WAIT_MAX_SECONDS", 30)
+# The tree view lists at most this many runs of a tree (and says when it holds more).
+RUN_TREE_MAX_RUNS = env_int("RUN_TREE_MAX_RUNS", 10_000)
 # Runs dispatched together travel together: one message carries up to this many run ids of one tier.
 RUN_MESSAGE_MAX_RUNS = env_int("RUN_MESSAGE_MAX_RUNS", 100)
 # A worker runs a message's runs one after another; once this long has passed, it hands the runs it
@@ -219,11 +222,19 @@ RUN_MESSAGE_SLICE_SECONDS = env_float("RUN_MESSAGE_SLICE_SECONDS", 0.1)
 # holds each RUN_HEARTBEAT_SECONDS, so a dead worker's runs are claimed again within about a lease.
 RUN_LEASE_SECONDS = env_float("RUN_LEASE_SECONDS", 30)
 RUN_HEARTBEAT_SECONDS = env_float("RUN_HEARTBEAT_SECONDS", 10)
+# How often a worker's main process looks for an agent past its run's hard time limit (and kills it).
+RUN_WATCHDOG_SECONDS = env_float("RUN_WATCHDOG_SECONDS", 0.1)
+# Where a pool process keeps the outcomes it has reached but not yet written (a tmpfs by default): if it
+# dies, its worker's main process records them, so no finished run runs again.
+RUN_SPOOL_DIR = env_str("RUN_SPOOL_DIR", "/dev/shm" if Path("/dev/shm").is_dir() else tempfile.gettempdir())
 # A run whose worker died goes back to the queue without spending a retry, this many times at most:
 # a run that keeps killing its workers then fails instead of taking the pool down forever.
 RUN_LOST_ATTEMPTS_MAX = env_int("RUN_LOST_ATTEMPTS_MAX", 3)
 # A worker whose database does not answer retries its writes, waiting up to this long between tries.
 RUN_WRITE_RETRY_MAX_SECONDS = env_float("RUN_WRITE_RETRY_MAX_SECONDS", 2)
+# Celery's own hard limit of a message, a backstop to the watchdog, leaves this long for its outcomes to
+# be written through a database outage before it kills the process (whose spool then still holds them).
+RUN_WRITE_ALLOWANCE_SECONDS = env_float("RUN_WRITE_ALLOWANCE_SECONDS", 300)
 # Admission: queued runs per tier beyond which submissions get 429 (an agent may set its own limit).
 TIER_BACKLOG_LIMITS = {
     "critical": env_int("TIER_BACKLOG_LIMIT_CRITICAL", 2_000),
@@ -250,6 +261,8 @@ SWEEP_MESSAGE_OVERDUE_SECONDS = env_float("SWEEP_MESSAGE_OVERDUE_SECONDS", 300)
 SWEEP_BATCH = env_int("SWEEP_BATCH", 1000)
 RETRY_BACKOFF_BASE_SECONDS = env_float("RETRY_BACKOFF_BASE_SECONDS", 1.0)
 RETRY_BACKOFF_MAX_SECONDS = env_float("RETRY_BACKOFF_MAX_SECONDS", 300.0)
+# What an agent logs through ctx.logger is kept with its run, up to this many bytes (the rest is cut).
+RUN_LOG_MAX_BYTES = env_int("RUN_LOG_MAX_BYTES", 64 * 1024)
 # Finished runs are deleted once they finished this many days ago (0: kept forever), in batches of
 # RUN_PURGE_BATCH rows, each its own short transaction.
 RUN_RETENTION_DAYS = env_int("RUN_RETENTION_DAYS", 30)

@@ -246,7 +246,7 @@ RUN_FIELDSETS = [
     (None, {"fields": ["id", "agent", "agent_version", "tier", "status", "submitted_by", "idempotency_key"]}),
     ("Shared work", {"fields": ["parent_link", "follows_link", "cached"]}),
     ("Input and outcome", {"fields": ["input_pretty", "result_pretty", "error_pretty", "error_traceback"]}),
-    ("Attempts", {"fields": ["attempts", "lost_attempts"]}),
+    ("Attempts", {"fields": ["attempts", "lost_attempts", "attempt_errors_pretty", "log_pretty"]}),
     ("Timing", {"fields": ["submitted_at", "started_at", "finished_at", "queue_wait_ms", "run_ms"]}),
     (
         "Promises",
@@ -260,6 +260,8 @@ RUN_FIELDS_SHOWN_AS = {
     "input": "input_pretty",
     "result": "result_pretty",
     "error": "error_pretty",
+    "attempt_errors": "attempt_errors_pretty",
+    "log": "log_pretty",
     "parent": "parent_link",
     "follows": "follows_link",
 }
@@ -415,6 +417,36 @@ class RunAdmin(admin.ModelAdmin):
     def error_traceback(self, run: Run) -> str | None:
         traceback = (run.error or {}).get("traceback")
         return format_html("<pre>{}</pre>", traceback) if traceback else None
+
+    @admin.display(description="errors of each attempt")
+    def attempt_errors_pretty(self, run: Run) -> str | None:
+        if not run.attempt_errors:
+            return None
+        rows = format_html_join(
+            "\n",
+            "<tr><td>{}</td><td>{}</td><td><code>{}</code></td><td>{}</td><td>{}</td></tr>",
+            (
+                (
+                    entry.get("attempt", ""),
+                    entry.get("at", ""),
+                    entry.get("type", ""),
+                    entry.get("message", ""),
+                    format_html("<details><summary>traceback</summary><pre>{}</pre></details>", entry["traceback"])
+                    if entry.get("traceback")
+                    else "-",
+                )
+                for entry in run.attempt_errors
+            ),
+        )
+        return format_html(
+            '<table class="attempt-errors"><thead><tr><th>attempt</th><th>at</th><th>type</th><th>message</th>'
+            "<th></th></tr></thead><tbody>{}</tbody></table>",
+            rows,
+        )
+
+    @admin.display(description="log (ctx.logger)")
+    def log_pretty(self, run: Run) -> str | None:
+        return format_html('<pre class="run-log">{}</pre>', run.log) if run.log else None
 
     @admin.display(description="parent")
     def parent_link(self, run: Run) -> str | None:

@@ -35,6 +35,18 @@ class RunNotCancellable(Exception):
         self.status = status
 
 
+class RunNotWaiting(Exception):
+    """A signal for a run that does not wait for it (it waits for another, or for nothing)."""
+
+    def __init__(self, *, status: str, name: str, waits_for: str | None) -> None:
+        if waits_for:
+            message = f"the run waits for the signal {waits_for!r}, not {name!r}"
+        else:
+            message = f"the run is {status} and waits for no signal"
+        super().__init__(message)
+        self.status, self.waits_for = status, waits_for
+
+
 class AgentNotRegistered(Exception):
     """A run names an agent that the code no longer declares."""
 

@@ -96,7 +96,9 @@ async def event_stream_read(stream: EventStream, *, keepalive: float) -> AsyncIt
                 if stream.user_id is None or event.get("user") == stream.user_id:
                     yield event
                     quiet_since = time.monotonic()
-                    if stream.run is not None and event.get("status") in RunStatus.terminal():
+                    # A run's channel also carries its tree's events: the stream ends with the run itself.
+                    ended = event.get("run") == str(getattr(stream.run, "pk", None))
+                    if ended and event.get("status") in RunStatus.terminal():
                         return
             if time.monotonic() - quiet_since >= keepalive:
                 yield None

@@ -57,6 +57,8 @@ class Agent(models.Model):
 class RunStatus(models.TextChoices):
     QUEUED = "queued", "Queued"
     RUNNING = "running", "Running"
+    # Holds no worker: waits for its children to end, a signal, or a time, then goes on where it left off.
+    WAITING = "waiting", "Waiting"
     SUCCEEDED = "succeeded", "Succeeded"
     FAILED = "failed", "Failed"
     CANCELLED = "cancelled", "Cancelled"
@@ -116,6 +118,29 @@ class Run(models.Model):
     time_limit = models.FloatField()
     max_retries = models.PositiveSmallIntegerField()
     attempts = models.PositiveSmallIntegerField(default=0, help_text="Attempts started so far.")
+    # Multi-agent work: a run that delegated waits, its children counted down as they end.
+    round = models.PositiveSmallIntegerField(
+        default=0, help_text="How many times this run has delegated, waited for a signal or slept."
+    )
+    pending_children = models.PositiveIntegerField(
+        default=0, help_text="Children of the current round still to end; the run goes on when none is left."
+    )
+    resume = models.JSONField(
+        null=True, blank=True, help_text="What the run goes on with when it wakes: its continuation and state."
+    )
+    wake_at = models.DateTimeField(
+        null=True, blank=True, help_text="A waiting run goes on by then whatever happened (a timer, a timeout)."
+    )
+    signal = models.JSONField(null=True, blank=True, help_text="The signal (name and payload) that woke the run.")
+    root = models.UUIDField(
+        null=True, blank=True, help_text="The run at the top of this run's tree (empty for a run with no parent)."
+    )
+    parent_round = models.PositiveSmallIntegerField(
+        null=True, blank=True, help_text="For a child its parent gathers: the parent's round it belongs to."
+    )
+    sibling_index = models.PositiveIntegerField(
+        null=True, blank=True, help_text="For a child its parent gathers: its place among its siblings."
+    )
     lost_attempts = models.PositiveSmallIntegerField(
         default=0, help_text="Of those, attempts lost because their worker died: they do not spend the agent's retries."
     )
@@ -136,6 +161,14 @@ class Run(models.Model):
     cached = models.BooleanField(default=False, help_text="Answered from the result cache, without running.")
     sla_miss = models.CharField(
         max_length=16, choices=SlaMiss.choices, blank=True, help_text="For a missed SLA: the part that overran."
+    )
+    attempt_errors = models.JSONField(
+        default=list,
+        blank=True,
+        help_text="The error of each failed attempt (attempt, type, message, traceback), oldest first.",
+    )
+    log = models.TextField(
+        blank=True, default="", help_text="What the agent logged through ctx.logger, cut at RUN_LOG_MAX_BYTES."
     )
     worker = models.CharField(max_length=200, blank=True, help_text="Worker that holds or held the claim.")
     lease_expires_at = models.DateTimeField(
@@ -176,6 +209,8 @@ class Run(models.Model):
                 ),
             ),
             models.Index(fields=["parent"], name="run_parent", condition=Q(parent__isnull=False)),
+            models.Index(fields=["wake_at"], name="run_waiting_wake", condition=Q(status=RunStatus.WAITING)),
+            models.Index(fields=["root"], name="run_tree", condition=Q(root__isnull=False)),
             models.Index(fields=["follows", "status"], name="run_follows", condition=Q(follows__isnull=False)),
         ]
 

@@ -22,6 +22,8 @@ BUILTIN_MODULES = (
     "agents.builtin.spin",
     "agents.builtin.text_stats",
     "agents.builtin.factorize",
+    # Last: its workflow names the agents above.
+    "agents.builtin.corpus",
 )
 
 
@@ -95,6 +97,7 @@ def _closed(schema: Any) -> Any:
 class AgentRegistry:
     def __init__(self) -> None:
         self._specs: dict[str, AgentSpec] = {}
+        self._continuations: dict[str, Callable[..., Any]] = {}
         self._discovered = False
         self._discovering = threading.RLock()
 
@@ -108,6 +111,16 @@ class AgentRegistry:
     def get(self, name: str) -> AgentSpec | None:
         self.discover()
         return self._specs.get(name)
+
+    def register_continuation(self, func: Callable[..., Any]) -> str:
+        name = continuation_name(func)
+        self._continuations[name] = func
+        return name
+
+    def continuation(self, name: str) -> Callable[..., Any] | None:
+        """The continuation declared in code under `name`; a run's row names one, never arbitrary code."""
+        self.discover()
+        return self._continuations.get(name)
 
     def __iter__(self) -> Iterator[AgentSpec]:
         self.discover()
@@ -143,6 +156,10 @@ class AgentRegistry:
 
 def _qualified_name(func: Callable[..., Any]) -> str:
     return f"{func.__module__}.{func.__qualname__}"
+
+
+def continuation_name(func: Callable[..., Any]) -> str:
+    return _qualified_name(func)
 
 
 registry = AgentRegistry()
@@ -200,3 +217,10 @@ def agent(
         return func
 
     return decorate
+
+
+def continuation(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Declare `fn(ctx, input, wake) -> result or another delegation` as a continuation: what a run goes on
+    with when the children it delegated to have ended, a signal came, or a timer rang (see RunContext)."""
+    registry.register_continuation(func)
+    return func

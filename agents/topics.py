@@ -150,7 +150,8 @@ def topic_message_dispatch(
             agent=agent, input=envelope["message"], idempotency_key=topic_run_key(envelope["id"], agent)
         )
         try:
-            run, created = run_submit(user=user, request=request, parent=parent)
+            # A reaction to a message is the publisher's child, but keeps its own tier, deadline and expiry.
+            run, created = run_submit(user=user, request=request, parent=parent, inherits=False)
         except IdempotencyConflict:
             # The key names this message's run of this agent, stored when the agent read the message
             # otherwise (another version): the message already has its run.

@@ -6,7 +6,7 @@ import time
 from pydantic import BaseModel, Field
 
 from agentplatform.redis_client import redis_client, redis_key
-from agents.registry import agent
+from agents.registry import agent, continuation
 
 
 def executions_key() -> str:
@@ -45,3 +45,28 @@ class NoopInput(BaseModel):
 def noop(ctx, input: NoopInput) -> dict[str, int]:
     """A cacheable agent that does nothing: what an answer costs, cached or executed, is the platform's."""
     return {"n": input.n}
+
+
+class NothingInput(BaseModel):
+    i: int = Field(default=0, ge=0, description="Which child this is.")
+
+
+@agent(name="bench.nothing", input=NothingInput, tier="standard", sla_seconds=3600, soft_time_limit=10)
+def nothing(ctx, input: NothingInput) -> dict[str, int]:
+    """An agent that does no work and caches nothing: every run of it is executed."""
+    return {"i": input.i}
+
+
+class FanInput(BaseModel):
+    n: int = Field(ge=1, le=100_000, description="How many children to fan out to.")
+
+
+@agent(name="bench.fan", input=FanInput, tier="standard", sla_seconds=3600, soft_time_limit=60, time_limit=90)
+def fan(ctx, input: FanInput) -> object:
+    """Fans out to `n` runs of bench.nothing and gathers them: what coordinating them costs."""
+    return ctx.delegate([("bench.nothing", {"i": i}) for i in range(input.n)], then=fan_gathered)
+
+
+@continuation
+def fan_gathered(ctx, input: FanInput, wake) -> dict[str, int]:
+    return {"children": len(wake.children), "succeeded": sum(child.succeeded for child in wake.children)}

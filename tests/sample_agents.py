@@ -9,7 +9,8 @@ from django.db import connection
 from pydantic import BaseModel, Field
 
 from agentplatform.redis_client import redis_client, redis_key
-from agents.registry import agent
+from agents.registry import agent, continuation
+from agents.runs.delegation import Child
 from caching.memoize import memoize
 
 
@@ -166,3 +167,149 @@ def connection_lost(ctx, input: CountInput) -> dict:
     ) as other:
         other.execute("SELECT pg_terminate_backend(%s)", [backend])
     return {"executions": executions}
+
+
+# Multi-agent work
+
+
+class SquareInput(BaseModel):
+    n: int
+    fail: bool = False
+    seconds: float = 0.0
+
+
+@agent(name="test.square", input=SquareInput, soft_time_limit=30, time_limit=40)
+def square(ctx, input: SquareInput) -> dict:
+    """Squares `n` after `seconds`; fails when asked to."""
+    time.sleep(input.seconds)
+    if input.fail:
+        raise ValueError(f"asked to fail on {input.n}")
+    return {"square": input.n * input.n}
+
+
+class FanInput(BaseModel):
+    numbers: list[int]
+    fail_on: list[int] = []
+    on_failure: str = "fail"
+    seconds: float = 0.0
+    then_agent: bool = False
+
+
+@agent(name="test.fan", input=FanInput, soft_time_limit=30, time_limit=40)
+def fan(ctx, input: FanInput) -> object:
+    """Squares every number in a child run of its own, then adds the squares up."""
+    children = [("test.square", {"n": n, "fail": n in input.fail_on, "seconds": input.seconds}) for n in input.numbers]
+    then = "test.add_children" if input.then_agent else fan_total
+    return ctx.delegate(children, then=then, on_failure=input.on_failure, state={"asked": len(input.numbers)})
+
+
+@continuation
+def fan_total(ctx, input: FanInput, wake) -> dict:
+    return {
+        "total": sum(result["square"] for result in wake.results if result is not None),
+        "failed": [child.run for child in wake.failed],
+        "asked": wake.state["asked"],
+    }
+
+
+class ChildrenInput(BaseModel):
+    children: list[dict]
+    state: dict | None = None
+
+
+@agent(name="test.add_children", input=ChildrenInput, soft_time_limit=30, time_limit=40)
+def add_children(ctx, input: ChildrenInput) -> dict:
+    """A continuation agent: adds up the squares its parent's children found."""
+    return {"total": sum(child["result"]["square"] for child in input.children if child["status"] == "succeeded")}
+
+
+class TreeInput(BaseModel):
+    fanouts: list[int]
+
+
+@agent(name="test.tree", input=TreeInput, soft_time_limit=30, time_limit=40)
+def tree(ctx, input: TreeInput) -> object:
+    """Counts the leaves of a tree of runs: each level delegates to `fanouts[0]` runs of the level below."""
+    if not input.fanouts:
+        return {"leaves": 1}
+    width, below = input.fanouts[0], input.fanouts[1:]
+    return ctx.delegate([("test.tree", {"fanouts": below})] * width, then=tree_leaves)
+
+
+@continuation
+def tree_leaves(ctx, input: TreeInput, wake) -> dict:
+    return {"leaves": sum(result["leaves"] for result in wake.results)}
+
+
+class ApprovalInput(BaseModel):
+    timeout: float = 30.0
+
+
+@agent(name="test.approval", input=ApprovalInput, soft_time_limit=30, time_limit=40)
+def approval(ctx, input: ApprovalInput) -> object:
+    """Waits for a person's approval (the signal `approve`)."""
+    return ctx.wait_for_signal("approve", timeout=input.timeout, then=approval_given, state={"asked": True})
+
+
+@continuation
+def approval_given(ctx, input: ApprovalInput, wake) -> dict:
+    return {"approved": None if wake.timed_out else wake.payload, "timed_out": wake.timed_out}
+
+
+class NapInput(BaseModel):
+    seconds: float
+
+
+@agent(name="test.nap", input=NapInput, soft_time_limit=30, time_limit=40)
+def nap(ctx, input: NapInput) -> object:
+    """Sleeps without holding a worker, then says so."""
+    return ctx.sleep(input.seconds, then=nap_over, state={"slept": input.seconds})
+
+
+@continuation
+def nap_over(ctx, input: NapInput, wake) -> dict:
+    return {"slept": wake.state["slept"]}
+
+
+class CachedFanInput(BaseModel):
+    keys: list[str]
+
+
+@agent(name="test.cached_fan", input=CachedFanInput, soft_time_limit=30, time_limit=40)
+def cached_fan(ctx, input: CachedFanInput) -> object:
+    """Fans out over keys, repeated ones included, to a cacheable agent."""
+    return ctx.delegate([("test.cached_count", {"key": key, "seconds": 0.2}) for key in input.keys], then=fan_done)
+
+
+@continuation
+def fan_done(ctx, input: CachedFanInput, wake) -> dict:
+    return {"children": len(wake.children)}
+
+
+class ChattyInput(BaseModel):
+    lines: int = Field(default=1, ge=0, le=100_000)
+    fail_times: int = Field(default=0, ge=0)
+
+
+@agent(name="test.chatty", input=ChattyInput, max_retries=3, soft_time_limit=10, time_limit=15)
+def chatty(ctx, input: ChattyInput) -> dict:
+    """Logs `lines` numbered lines through ctx.logger, then fails its first `fail_times` attempts."""
+    for number in range(input.lines):
+        ctx.logger.info("line %d of attempt %d", number, ctx.attempt)
+    if ctx.attempt <= input.fail_times:
+        raise RuntimeError(f"attempt {ctx.attempt} fails on purpose")
+    return {"lines": input.lines}
+
+
+@agent(name="test.supervisor", input=SquareInput, soft_time_limit=30, time_limit=40)
+def supervisor(ctx, input: SquareInput) -> object:
+    """Delegates a square that fails, and on failure hands it to another tier without the fault."""
+    return ctx.delegate([("test.square", {"n": input.n, "fail": True})], then=supervise, on_failure="continue")
+
+
+@continuation
+def supervise(ctx, input: SquareInput, wake) -> object:
+    if wake.failed and wake.state is None:
+        retry = Child("test.square", {"n": input.n}, tier="batch")
+        return ctx.delegate([retry], then=supervise, state={"redelegated": wake.failed[0].run})
+    return {"square": wake.results[0]["square"], "redelegated": (wake.state or {}).get("redelegated")}

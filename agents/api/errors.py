@@ -4,7 +4,7 @@ from rest_framework import status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
-from agents.errors import RunNotCancellable, RunRejected
+from agents.errors import RunNotCancellable, RunNotWaiting, RunRejected
 from scheduling.admission import AdmissionRefused
 from scheduling.rate import RateExceeded
 
@@ -20,4 +20,8 @@ def exception_handler(exc, context) -> Response | None:
         )
     if isinstance(exc, RunNotCancellable):
         return Response({"detail": str(exc), "status": exc.status}, status=status.HTTP_409_CONFLICT)
+    if isinstance(exc, RunNotWaiting):
+        return Response(
+            {"detail": str(exc), "status": exc.status, "waits_for": exc.waits_for}, status=status.HTTP_409_CONFLICT
+        )
     return drf_exception_handler(exc, context)

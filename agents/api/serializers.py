@@ -9,6 +9,8 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from agents.models import Agent, Run, RunStatus, SlaMiss
+from agents.runs.delegation import SIGNAL_NAME_PATTERN
+from agents.runs.selectors import run_children_by_status
 from agents.runs.submit import MAX_EXPIRES_IN_SECONDS, RunRequest
 from agents.stats import WINDOW_SCHEMA_PATTERN, parse_window
 from scheduling.tiers import Tier
@@ -203,6 +205,57 @@ class RunListQuerySerializer(serializers.Serializer):
     agent = serializers.CharField(required=False)
     status = serializers.ChoiceField(choices=RunStatus.choices, required=False)
     tier = serializers.ChoiceField(choices=Tier.choices, required=False)
+    parent = serializers.UUIDField(required=False, help_text="Only the children of this run.")
+
+
+class RunDetailSerializer(RunSerializer):
+    """A run, and how many of its children stand at each status (for a run that delegated)."""
+
+    children = serializers.DictField(
+        child=serializers.IntegerField(), help_text="Its children's count by status; empty for a run with none."
+    )
+
+    class Meta(RunSerializer.Meta):
+        fields = [*RunSerializer.Meta.fields, "children"]
+        read_only_fields = fields
+
+    def to_representation(self, run: Run) -> dict[str, Any]:
+        return {**super().to_representation(run), "children": run_children_by_status(run)}
+
+
+class RunSignalSerializer(KnownFieldsSerializer):
+    name = serializers.RegexField(
+        SIGNAL_NAME_PATTERN, max_length=100, help_text="The signal the run waits for (ctx.wait_for_signal)."
+    )
+    payload = serializers.JSONField(
+        required=False, allow_null=True, default=None, help_text="Any JSON; the run's continuation receives it."
+    )
+
+
+class TreeRunSerializer(serializers.Serializer):
+    """One run of a tree, as the tree view lists it."""
+
+    id = serializers.UUIDField()
+    parent = serializers.UUIDField(allow_null=True)
+    agent = serializers.CharField()
+    tier = serializers.ChoiceField(choices=Tier.choices)
+    status = serializers.ChoiceField(choices=RunStatus.choices)
+    submitted_at = serializers.DateTimeField()
+    started_at = serializers.DateTimeField(allow_null=True)
+    finished_at = serializers.DateTimeField(allow_null=True)
+    queue_wait_ms = serializers.IntegerField(allow_null=True)
+    run_ms = serializers.IntegerField(allow_null=True)
+    cached = serializers.BooleanField()
+    follows = serializers.UUIDField(allow_null=True)
+    round = serializers.IntegerField(allow_null=True, help_text="The parent's round this child belongs to.")
+    index = serializers.IntegerField(allow_null=True, help_text="Its place among the children of that round.")
+
+
+class RunTreeSerializer(serializers.Serializer):
+    root = serializers.UUIDField()
+    count = serializers.IntegerField(help_text="Runs in the tree (the run asked for and its descendants).")
+    truncated = serializers.BooleanField(help_text="True when the tree holds more runs than `runs` lists.")
+    runs = TreeRunSerializer(many=True)
 
 
 class RunWaitQuerySerializer(serializers.Serializer):

@@ -23,9 +23,12 @@ from agents.api.schema import (
 from agents.api.serializers import (
     AgentSerializer,
     RunBatchSerializer,
+    RunDetailSerializer,
     RunListQuerySerializer,
     RunSerializer,
+    RunSignalSerializer,
     RunSubmitSerializer,
+    RunTreeSerializer,
     RunWaitQuerySerializer,
     StatsQuerySerializer,
     StatsSerializer,
@@ -34,7 +37,8 @@ from agents.errors import PayloadTooLarge
 from agents.models import Agent, Run
 from agents.registry import AGENT_NAME_PATTERN
 from agents.runs.cancellation import run_cancel
-from agents.runs.selectors import run_list, run_visible_to, run_wait
+from agents.runs.delegation import run_signal
+from agents.runs.selectors import run_list, run_tree, run_visible_to, run_wait
 from agents.runs.submit import run_submit, run_submit_many
 from agents.stats import run_stats
 from scheduling.rate import Rate, rate_take
@@ -174,13 +178,53 @@ class RunBatchView(APIView):
 class RunDetailView(APIView):
     @extend_schema(
         parameters=[RunWaitQuerySerializer],
-        responses={200: RunSerializer, 400: BAD_QUERY, 401: NOT_AUTHENTICATED, 404: NOT_FOUND},
+        responses={200: RunDetailSerializer, 400: BAD_QUERY, 401: NOT_AUTHENTICATED, 404: NOT_FOUND},
     )
     def get(self, request: Request, run_id) -> Response:
-        """One run; with ?wait=N, answers as soon as it is finished or N seconds have passed."""
+        """One run, with its children's count by status; with ?wait=N, answers as soon as it is finished or N
+        seconds have passed."""
         query = RunWaitQuerySerializer(data=request.query_params)
         query.is_valid(raise_exception=True)
         run = run_wait(run=visible_run(request, run_id), timeout=query.validated_data["wait"])
+        return Response(RunDetailSerializer(run).data)
+
+
+class RunTreeView(APIView):
+    @extend_schema(responses={200: RunTreeSerializer, 401: NOT_AUTHENTICATED, 404: NOT_FOUND})
+    def get(self, request: Request, run_id) -> Response:
+        """The run and every run below it: children, their children and so on, the run first."""
+        tree = run_tree(run=visible_run(request, run_id), limit=settings.RUN_TREE_MAX_RUNS)
+        return Response(RunTreeSerializer(tree).data)
+
+
+class RunSignalView(APIView):
+    parser_classes = [BoundedJSONParser]
+
+    @extend_schema(
+        request=RunSignalSerializer,
+        responses={
+            200: RunSerializer,
+            400: BAD_QUERY,
+            401: NOT_AUTHENTICATED,
+            404: NOT_FOUND,
+            409: OpenApiResponse(
+                {
+                    **DETAIL,
+                    "properties": {
+                        **DETAIL["properties"],
+                        "status": {"type": "string"},
+                        "waits_for": {"type": "string", "nullable": True},
+                    },
+                },
+                description="The run waits for no such signal; `waits_for` names the one it waits for, if any.",
+            ),
+        },
+    )
+    def post(self, request: Request, run_id) -> Response:
+        """Send a signal (a name and a JSON payload) to a run waiting for it; the run goes on with the payload."""
+        body = RunSignalSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        run = run_signal(run=visible_run(request, run_id), **body.validated_data)
         return Response(RunSerializer(run).data)
 
 

@@ -92,7 +92,21 @@ cancel_watch = CancelWatch()
 
 
 def run_cancel(*, run: Run) -> Run:
-    """Cancel a queued or running run; RunNotCancellable if it already finished."""
+    """Cancel a queued, running or waiting run and every run below it still in flight; RunNotCancellable if it
+    already finished."""
     if not run_cancelled(run):
         raise RunNotCancellable(run.status)
+    descendants_cancel(run)
     return run
+
+
+def descendants_cancel(run: Run) -> int:
+    """Cancel the runs below `run` (children, theirs, …) that have not ended, one level at a time."""
+    cancelled, level = 0, [run.pk]
+    while level:
+        children = list(Run.objects.select_related("agent").filter(parent_id__in=level))
+        for child in children:
+            if not child.is_terminal:
+                cancelled += run_cancelled(child)
+        level = [child.pk for child in children]
+    return cancelled

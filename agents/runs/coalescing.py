@@ -17,7 +17,7 @@ from collections import defaultdict
 
 import redis
 
-from agents.models import IN_FLIGHT, Run, RunStatus
+from agents.models import Run, RunStatus
 from agents.runs.finish import leaders_ended, queued_answer_from_cache
 from agents.runs.inflight import leaders_in_flight, leaders_take
 
@@ -74,5 +74,5 @@ def followed_settle(runs: list[Run]) -> None:
     """Settle the followers among `runs` whose leader ended before they were committed or converted."""
     followed = {run.follows_id for run in runs if run.follows_id is not None}
     if followed:
-        ended = Run.objects.select_related("agent").filter(pk__in=followed).exclude(IN_FLIGHT)
+        ended = Run.objects.select_related("agent").filter(pk__in=followed, status__in=RunStatus.terminal())
         leaders_ended(list(ended))

@@ -13,12 +13,14 @@ Celery. A message Celery puts back in its queue (its worker process died) gets i
 The sweeper re-sends a queued run only when neither a marker nor the broker shows a message for it.
 """
 
+import contextlib
 import json
 import math
 import time
 from base64 import b64decode
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
+from datetime import datetime
 from functools import lru_cache
 
 import redis
@@ -39,9 +41,11 @@ def dispatched_key() -> str:
 
 
 def message_time_limit(runs: Sequence) -> float:
-    """The hard limit of a message: its longest run's, plus the slice its earlier runs may use."""
+    """Celery's hard limit of a message: a backstop only. Each run's own limit is enforced by its worker's
+    watchdog while the agent runs (agents/runs/lease.py); this one also leaves room for recording the
+    outcomes through a database outage of up to RUN_WRITE_ALLOWANCE_SECONDS."""
     longest = max(run.time_limit for run in runs)
-    return longest + settings.RUN_MESSAGE_SLICE_SECONDS if len(runs) > 1 else longest
+    return longest + settings.RUN_MESSAGE_SLICE_SECONDS + settings.RUN_WRITE_ALLOWANCE_SECONDS
 
 
 def messages_of(runs: Sequence, size: int) -> list[Sequence]:
@@ -150,10 +154,32 @@ def messages_found() -> set[str]:
         while chunk := client.lrange(prefix + tier.queue, start, start + BROKER_READ_CHUNK - 1):
             found.update(run_id for raw in chunk for run_id in _run_ids(json.loads(raw)))
             start += len(chunk)
-    for _, raw in client.hscan_iter(prefix + Channel.unacked_key, count=BROKER_READ_CHUNK):
+    delivered = dict(client.zrange(prefix + Channel.unacked_index_key, 0, -1, withscores=True))
+    # A live worker claims a message it took within moments, or as soon as its countdown ends and a
+    # process is free: a lease's length is ample for either.
+    settled = time.time() - max(settings.SWEEP_QUEUED_AFTER_SECONDS, settings.RUN_LEASE_SECONDS)
+    for tag, raw in client.hscan_iter(prefix + Channel.unacked_key, count=BROKER_READ_CHUNK):
         payload, _exchange, _routing_key = json.loads(raw)
-        found.update(_run_ids(payload))
+        if _held_by_a_live_worker(payload, delivered=delivered.get(tag), settled=settled):
+            found.update(_run_ids(payload))
     return found
+
+
+def _held_by_a_live_worker(payload: dict, *, delivered: float | None, settled: float) -> bool:
+    """Whether an unacknowledged message is with a worker that will run it.
+
+    A worker reserves no more messages than it has processes (prefetch 1, late acknowledgement), and
+    claims a message's runs the moment a process takes it: a message delivered a while ago whose runs
+    are still queued was taken by a worker that died. Celery would deliver it again only after
+    `visibility_timeout`; the sweeper sends its runs sooner (the claim makes the late copy harmless).
+    A message held for its countdown (a retry's back-off, a timer) is alive until a while after it.
+    """
+    eta = payload.get("headers", {}).get("eta")
+    if eta:
+        with contextlib.suppress(ValueError):
+            if datetime.fromisoformat(eta).timestamp() > settled:
+                return True
+    return delivered is None or delivered >= settled
 
 
 @lru_cache(maxsize=1)

@@ -21,6 +21,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 from celery.exceptions import SoftTimeLimitExceeded
@@ -37,9 +38,11 @@ from agents.models import Agent, Run, RunStatus
 from agents.registry import registry
 from agents.runs.cancellation import cancel_watch
 from agents.runs.context import RunContext
+from agents.runs.delegation import ChildFailed, Delegation, resumed, run_delegate
 from agents.runs.dispatch import messages_received, messages_restored, run_dispatch
 from agents.runs.finish import Attempt, attempt_lost, attempts_record, runs_expire, slots_free, worker_lost
 from agents.runs.lease import board, lease_until
+from agents.runs.spool import UNSAFE, OutcomeSpool, attempt_from
 from scheduling.backlog import backlog_add, backlog_fields
 from scheduling.concurrency import slot_acquire, slot_wait
 
@@ -81,7 +84,8 @@ def _claim_sql(count: int) -> str:
             lost_attempts = CASE WHEN status = %s THEN lost_attempts + 1 ELSE lost_attempts END
         WHERE id IN ({", ".join(["%s"] * count)}) AND follows_id IS NULL AND (
             (status = %s AND (expires_at IS NULL OR expires_at >= %s))
-            OR (status = %s AND lease_expires_at < %s AND lost_attempts < %s))
+            OR (status = %s AND lease_expires_at < %s AND lost_attempts < %s)
+            OR (status = %s AND wake_at <= %s))
         RETURNING {columns}, {agent.format("name")} AS agent_name, {agent.format("cache_ttl")} AS agent_cache_ttl,
             {agent.format("concurrency_limit")} AS agent_concurrency_limit
     """
@@ -104,6 +108,8 @@ def runs_claim(*, run_ids: Sequence[str], worker: str) -> list[Run]:
         RunStatus.RUNNING,
         at(now),
         settings.RUN_LOST_ATTEMPTS_MAX,
+        RunStatus.WAITING,
+        at(now),
     ]
     claimed = {run.pk: run for run in Run.objects.raw(_claim_sql(len(ids)), params)}
     for run in claimed.values():
@@ -162,13 +168,18 @@ def runs_execute(*, run_ids: Sequence[str], worker: str) -> None:
         _not_claimed(run_ids, worker=worker)
         return
     board.hold([run.pk for run in claimed])
+    spool = OutcomeSpool.of_this_process(worker)
+    spool.begin(claimed_at=claimed[0].started_at)
     try:
-        _execute_claimed(claimed, run_ids=run_ids, worker=worker, began=began)
+        _execute_claimed(claimed, run_ids=run_ids, worker=worker, began=began, spool=spool)
     finally:
         board.hold(())
+        spool.clear()
 
 
-def _execute_claimed(claimed: list[Run], *, run_ids: list[uuid.UUID], worker: str, began: float) -> None:
+def _execute_claimed(
+    claimed: list[Run], *, run_ids: list[uuid.UUID], worker: str, began: float, spool: OutcomeSpool
+) -> None:
     # The claim is known by its start: heartbeats move the lease, a later claim has a later start.
     held = Q(status=RunStatus.RUNNING, worker=worker, started_at=claimed[0].started_at)
     if len(claimed) < len(run_ids):
@@ -184,9 +195,19 @@ def _execute_claimed(claimed: list[Run], *, run_ids: list[uuid.UUID], worker: st
                 break
             attempt = _attempt(run, worker)
             if attempt is not None:
+                spool.add(attempt)
                 attempts.append(attempt)
     finally:
-        until_database_answers(lambda: attempts_record(attempts, held=held), what="recording outcomes")
+        _attempts_write(attempts, held=held)
+
+
+def _attempts_write(attempts: Sequence[Attempt], *, held: Q) -> None:
+    """Record how a message's attempts ended (retrying until the database answers): outcomes, then waits."""
+    ended = [attempt for attempt in attempts if attempt.delegation is None]
+    until_database_answers(lambda: attempts_record(ended, held=held), what="recording outcomes")
+    for attempt in attempts:
+        if attempt.delegation is not None:
+            until_database_answers(lambda a=attempt: run_delegate(attempt=a, held=held), what="delegating")
 
 
 def _valid_ids(run_ids: Sequence[str]) -> list[uuid.UUID]:
@@ -254,12 +275,22 @@ def _attempt(run: Run, worker: str) -> Attempt | None:
     """Call the run's agent; None when the run was cancelled meanwhile (the cancellation recorded it)."""
     spec = registry.get(run.agent.name)
     started_at, started = timezone.now(), time.monotonic()
-    board.executing_now(run.pk)
+    board.executing_now(run.pk, deadline=time.time() + run.time_limit)
+    context: RunContext | None = None
     try:
         if spec is None:
             raise AgentNotRegistered(f"agent {run.agent.name!r} is not declared in code on {worker}")
         with cancel_watch.watching(str(run.pk)), soft_time_limit(run.soft_time_limit):
-            output = spec.func(RunContext(run), spec.parse_input(run.input))
+            context, parsed = RunContext(run), spec.parse_input(run.input)
+            if run.resume:
+                output = resumed(run, call=lambda then, wake: then(context, parsed, wake))
+            else:
+                output = spec.func(context, parsed)
+            if isinstance(output, Delegation):
+                return Attempt(
+                    run=run, started_at=started_at, finished_at=timezone.now(), run_ms=_ms_since(started),
+                    delegation=output, log=context.log,
+                )  # fmt: skip
             result = _jsonable(output)
     except RunCancelled:
         logger.info("run %s cancelled while running", run.pk)
@@ -268,11 +299,15 @@ def _attempt(run: Run, worker: str) -> Attempt | None:
     except Exception as exc:
         return Attempt(
             run=run, started_at=started_at, finished_at=timezone.now(), run_ms=_ms_since(started),
-            error=error_record(exc), retryable=not isinstance(exc, AgentNotRegistered),
+            error=error_record(exc), retryable=not isinstance(exc, AgentNotRegistered | ChildFailed),
+            log=context and context.log,
         )  # fmt: skip
     finally:
         board.executing_now(None)
-    return Attempt(run=run, started_at=started_at, finished_at=timezone.now(), run_ms=_ms_since(started), result=result)
+    return Attempt(
+        run=run, started_at=started_at, finished_at=timezone.now(), run_ms=_ms_since(started), result=result,
+        log=context.log,
+    )  # fmt: skip
 
 
 def _ms_since(started: float) -> int:
@@ -295,32 +330,68 @@ def error_record(exc: BaseException) -> dict[str, str]:
 
 
 def message_killed(*, run_ids: Sequence[str], worker: str, pid: int | None, limit: float) -> None:
-    """The pool killed a process at its message's hard time limit: fail the attempt it was executing, hand
-    back the rest of the message (the message is acknowledged, so they need a new one)."""
+    """Celery killed a process at its message's hard time limit (the watchdog's backstop): record what it had
+    finished, fail the attempt it was executing, hand back the rest of the message (the message is
+    acknowledged, so they need a new one)."""
+    _spooled_record(worker=worker, pid=pid)
     culprit, others = _message_held(run_ids, worker=worker, pid=pid)
     if culprit is not None:
-        error = {
-            "type": "TimeLimitExceeded",
-            "message": f"the agent ran past its hard time limit of {culprit.time_limit:g}s and was killed",
-            "traceback": "",
-        }
-        run_ms = int((timezone.now() - culprit.started_at).total_seconds() * 1000) if culprit.started_at else None
-        attempt_lost(culprit, error=error, run_ms=run_ms)
-        slots_free(culprit)
+        _time_limit_exceeded(culprit)
     if others:
         runs_hand_back(others, held=Q(status=RunStatus.RUNNING, worker=worker))
     logger.warning("message of %d runs killed at its hard limit of %gs on %s", len(run_ids), limit, worker)
 
 
 def message_lost(*, run_ids: Sequence[str], worker: str, pid: int | None) -> None:
-    """A pool process died mid-message: its runs go back so that the redelivered message claims them at once."""
+    """A pool process died mid-message (killed by the watchdog past a run's hard limit, or by anything else):
+    what it had finished is recorded, the run it was executing fails for its time limit or goes back without
+    spending a retry, and the others go back, for the redelivered message to claim at once."""
+    _spooled_record(worker=worker, pid=pid)
     culprit, others = _message_held(run_ids, worker=worker, pid=pid)
-    messages_restored([str(run.pk) for run in [culprit, *others] if run is not None])
-    if culprit is not None:
+    messages_restored([str(run.pk) for run in others])
+    if culprit is not None and board.killed(pid):
+        _time_limit_exceeded(culprit)
+    elif culprit is not None:
+        messages_restored([str(culprit.pk)])
         # Celery delivers the message again: it claims the run, queued again without spending a retry.
         worker_lost(culprit, dispatch=False)
     if others:
         _release(others, held=Q(status=RunStatus.RUNNING, worker=worker))
+
+
+def _time_limit_exceeded(culprit: Run) -> None:
+    error = {
+        "type": "TimeLimitExceeded",
+        "message": f"the agent ran past its hard time limit of {culprit.time_limit:g}s and was killed",
+        "traceback": "",
+    }
+    run_ms = int((timezone.now() - culprit.started_at).total_seconds() * 1000) if culprit.started_at else None
+    attempt_lost(culprit, error=error, run_ms=run_ms)
+    slots_free(culprit)
+
+
+def spooled_record_all(*, worker: str) -> None:
+    """Record what every pool process of `worker` had finished but not written: for a worker whose pool stopped."""
+    for path in Path(settings.RUN_SPOOL_DIR).glob(f"agentplatform-{UNSAFE.sub('_', worker)}-*.jsonl"):
+        pid = path.stem.rsplit("-", 1)[-1]
+        if pid.isdigit():
+            _spooled_record(worker=worker, pid=int(pid))
+
+
+def _spooled_record(*, worker: str, pid: int | None) -> None:
+    """Record the attempts a dead pool process had finished but not written, from its spool."""
+    if not pid:
+        return
+    spool = OutcomeSpool(worker=worker, pid=pid)
+    claimed_at, entries = spool.read()
+    if entries:
+        held = Q(status=RunStatus.RUNNING, worker=worker, started_at=claimed_at)
+        runs = Run.objects.select_related("agent").filter(held, pk__in=[entry["run"] for entry in entries])
+        by_id = {str(run.pk): run for run in runs}
+        attempts = [attempt_from(entry, by_id[entry["run"]]) for entry in entries if entry["run"] in by_id]
+        _attempts_write(attempts, held=held)
+        logger.info("recorded %d outcomes that a dead process of %s had reached", len(attempts), worker)
+    spool.clear()
 
 
 def _message_held(run_ids: Sequence[str], *, worker: str, pid: int | None) -> tuple[Run | None, list[Run]]:

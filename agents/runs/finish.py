@@ -29,7 +29,7 @@ from django.utils import timezone
 from agentplatform import events
 from agentplatform.metrics import runs_ended_record
 from agentplatform.redis_client import redis_client
-from agents.models import IN_FLIGHT, Run, RunStatus
+from agents.models import Run, RunStatus
 from agents.runs.dispatch import run_dispatch
 from agents.runs.inflight import leader_take_over, leaders_release
 from caching.results import result_cache_get_many, result_cache_store
@@ -43,6 +43,9 @@ logger = logging.getLogger(__name__)
 
 URGENCY = Case(When(tier=Tier.CRITICAL, then=Value(0)), When(tier=Tier.STANDARD, then=Value(1)), default=Value(2))
 TAKEN_OVER_AFTER = frozenset({RunStatus.CANCELLED, RunStatus.EXPIRED})
+# Each failed attempt's error stays with its run (`attempt_errors`): the latest this many, tracebacks cut.
+ATTEMPT_ERRORS_KEPT = 20
+ATTEMPT_TRACEBACK_MAX_CHARS = 4000
 
 
 @dataclass
@@ -56,6 +59,10 @@ class Attempt:
     result: Any = None
     error: dict[str, str] | None = None
     retryable: bool = True
+    # What the run waits for instead of a result (agents.runs.delegation.Delegation), if it delegated.
+    delegation: Any = None
+    # The run's log after this attempt (RunContext.log); None keeps the log as it was.
+    log: str | None = None
 
     @property
     def retries_left(self) -> bool:
@@ -141,7 +148,8 @@ def attempts_record(attempts: Sequence[Attempt], *, held: Q, backoff: bool = Tru
         values = {
             attempt.run.pk: {
                 "error": attempt.error, "run_ms": attempt.run_ms, "started_at": attempt.started_at,
-                "queue_wait_ms": _queue_wait_ms(attempt.run, attempt.started_at),
+                "queue_wait_ms": _queue_wait_ms(attempt.run, attempt.started_at), "log": _log_of(attempt),
+                "attempt_errors": attempt_errors_after(attempt.run, attempt.error, at=attempt.finished_at),
             }
             for attempt in retried
         }  # fmt: skip
@@ -160,7 +168,7 @@ def attempts_record(attempts: Sequence[Attempt], *, held: Q, backoff: bool = Tru
 def _final_values(attempt: Attempt, *, succeeded: bool) -> dict[str, Any]:
     run = attempt.run
     met, overran = sla_outcome(deadline=run.deadline, started_at=attempt.started_at, finished_at=attempt.finished_at)
-    return {
+    values = {
         "result": attempt.result if succeeded else None,
         "error": None if succeeded else attempt.error,
         "run_ms": attempt.run_ms,
@@ -169,7 +177,27 @@ def _final_values(attempt: Attempt, *, succeeded: bool) -> dict[str, Any]:
         "queue_wait_ms": _queue_wait_ms(run, attempt.started_at),
         "sla_met": met and succeeded,
         "sla_miss": overran,
+        "log": _log_of(attempt),
     }
+    if not succeeded:
+        values["attempt_errors"] = attempt_errors_after(run, attempt.error, at=attempt.finished_at)
+    return values
+
+
+def _log_of(attempt: Attempt) -> str:
+    return attempt.run.log if attempt.log is None else attempt.log
+
+
+def attempt_errors_after(run: Run, error: dict[str, str], *, at: datetime) -> list[dict[str, Any]]:
+    """The run's attempt errors with this attempt's added: the last ATTEMPT_ERRORS_KEPT, tracebacks cut to their end."""
+    traceback = error.get("traceback") or ""
+    if len(traceback) > ATTEMPT_TRACEBACK_MAX_CHARS:
+        traceback = "…" + traceback[-ATTEMPT_TRACEBACK_MAX_CHARS:]
+    entry = {
+        "attempt": run.attempts, "at": at.isoformat(), "type": error.get("type", ""),
+        "message": error.get("message", ""), "traceback": traceback,
+    }  # fmt: skip
+    return [*run.attempt_errors, entry][-ATTEMPT_ERRORS_KEPT:]
 
 
 def _mark(group: list[Attempt], status: RunStatus, values: dict, count: int) -> list[Run]:
@@ -203,9 +231,57 @@ def _announce(runs: Sequence[Run]) -> None:
     if leaders:
         leaders_release(leaders)
         leaders_ended(leaders)
+    parents_notify(ended)
     for run in runs:
         if run.status != RunStatus.RUNNING:
             slots_free(run)
+
+
+def parents_notify(ended: Sequence[Run]) -> int:
+    """Count the waiting parents of gathered children that ended down; returns how many parents go on."""
+    counts = Counter(
+        (run.parent_id, run.parent_round) for run in ended if run.parent_id is not None and run.parent_round is not None
+    )
+    return parents_resume(counts) if counts else 0
+
+
+def parents_resume(counts: dict[tuple[Any, int], int]) -> int:
+    """Count each waiting parent of the round given down by that many children; queue those with none left.
+
+    One statement for every parent of a message's children, whatever their number: no child ever
+    looks at its siblings. Returns how many parents were queued to go on.
+    """
+    quote = connection.ops.quote_name
+    table, pk = quote(Run._meta.db_table), Run._meta.pk
+    typed = connection.vendor == "postgresql"
+    v_id = f"CAST(v.run AS {pk.db_type(connection)})" if typed else "v.run"
+    v_round, v_ended = ("CAST(v.round AS integer)", "CAST(v.ended AS integer)") if typed else ("v.round", "v.ended")
+    pending, status = quote("pending_children"), quote("status")
+    left = f"{pending} - {v_ended}"
+    values, params = [], []
+    for (parent_id, round_), ended in counts.items():
+        values.append("(%s, %s, %s)")
+        params += [pk.get_db_prep_value(parent_id, connection), round_, ended]
+    sql = (
+        f"WITH v (run, round, ended) AS (VALUES {', '.join(values)}) "
+        f"UPDATE {table} SET {pending} = CASE WHEN {left} > 0 THEN {left} ELSE 0 END, "
+        f"{status} = CASE WHEN {left} > 0 THEN {status} ELSE %s END "
+        f"FROM v WHERE {quote(pk.column)} = {v_id} AND {table}.{quote('round')} = {v_round} AND {status} = %s "
+        f"RETURNING {quote(pk.column)}, {status}"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [*params, RunStatus.QUEUED, RunStatus.WAITING])
+        rows = cursor.fetchall()
+    woken = [pk.to_python(row[0]) for row in rows if row[1] == RunStatus.QUEUED]
+    if not woken:
+        return 0
+    parents = list(Run.objects.select_related("agent").filter(pk__in=woken, status=RunStatus.QUEUED))
+    pipe = redis_client().pipeline(transaction=False)
+    queued = Counter(field for run in parents for field in (tier_field(run.tier), agent_field(run.agent.name)))
+    backlog_add(pipe, queued)
+    events.publish_run_events((events.event_of_run(run, "queued") for run in parents), pipe=pipe)
+    run_dispatch(parents)
+    return len(parents)
 
 
 def _event_name(run: Run) -> str:
@@ -241,9 +317,9 @@ def runs_expire(runs: Iterable[Run]) -> list[Run]:
 
 
 def run_cancelled(run: Run) -> bool:
-    """Cancel a queued or running run; False if it had already ended."""
+    """Cancel a queued, running or waiting run; False if it had already ended."""
     now = timezone.now()
-    in_flight = [RunStatus.QUEUED, RunStatus.RUNNING]
+    in_flight = [RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.WAITING]
     cancelled = Run.objects.filter(pk=run.pk, status__in=in_flight).update(
         status=RunStatus.CANCELLED, finished_at=now, lease_expires_at=None, escalate_at=None
     )
@@ -366,7 +442,7 @@ def _followers_take_over(leader: Run) -> int:
             # Another identical run leads now: everyone follows it.
             moved = Run.objects.filter(pk=heir.pk).update(follows_id=holder)
             moved += Run.objects.filter(follows=leader, status=RunStatus.QUEUED).update(follows_id=holder)
-            leaders_ended(list(Run.objects.select_related("agent").filter(pk=holder).exclude(IN_FLIGHT)))
+            leaders_ended(list(Run.objects.select_related("agent").filter(pk=holder, status__in=RunStatus.terminal())))
             return moved
         moved = Run.objects.filter(follows=leader, status=RunStatus.QUEUED).update(follows=heir)
         if queued_answer_from_cache([heir]):
@@ -421,12 +497,15 @@ def worker_lost(run: Run, *, dispatch: bool = True) -> bool:
     if run.lost_attempts >= settings.RUN_LOST_ATTEMPTS_MAX:
         error["message"] += f"; {run.lost_attempts + 1} workers died running it, so it is not tried again"
         return attempt_lost(run, error=error, retryable=False)
+    errors = attempt_errors_after(run, error, at=timezone.now())
     requeued = Run.objects.filter(held_by(run)).update(
-        status=RunStatus.QUEUED, worker="", lease_expires_at=None, error=error, lost_attempts=F("lost_attempts") + 1
-    )
+        status=RunStatus.QUEUED, worker="", lease_expires_at=None, error=error, lost_attempts=F("lost_attempts") + 1,
+        attempt_errors=errors,
+    )  # fmt: skip
     if not requeued:
         return False
     run.status, run.worker, run.lease_expires_at, run.error = RunStatus.QUEUED, "", None, error
+    run.attempt_errors = errors
     run.lost_attempts += 1
     logger.warning("run %s lost its worker (%d so far); queued again", run.pk, run.lost_attempts)
     pipe = redis_client().pipeline(transaction=False)

@@ -8,11 +8,14 @@ The main process renews rather than the process running the agent: an agent busy
 never starves the heartbeat, and a process that died renews nothing.
 """
 
+import contextlib
 import logging
 import mmap
 import os
+import signal
 import struct
 import threading
+import time
 import uuid
 from collections.abc import Iterable, Sequence
 from datetime import timedelta
@@ -38,7 +41,9 @@ class HoldingBoard:
     """
 
     SLOTS = 1024
-    HEAD = struct.Struct("<I16sH")
+    # pid, the run being executed, how many runs are held, the executed run's hard deadline (epoch
+    # seconds, 0 for none), and whether the main process killed the process for passing it.
+    HEAD = struct.Struct("<I16sHdB")
     RUN_ID = struct.Struct("<16s")
 
     def __init__(self, capacity: int) -> None:
@@ -53,31 +58,52 @@ class HoldingBoard:
         """This process now holds `run_ids` (an empty sequence: none), executing none of them yet."""
         pid, offset = os.getpid(), self._offset(os.getpid())
         held = list(run_ids)[: self.capacity]
-        self.HEAD.pack_into(self._memory, offset, pid, bytes(16), len(held))
+        self.HEAD.pack_into(self._memory, offset, pid, bytes(16), len(held), 0.0, 0)
         for index, run_id in enumerate(held):
             self.RUN_ID.pack_into(self._memory, offset + self.HEAD.size + index * self.RUN_ID.size, run_id.bytes)
 
-    def executing_now(self, run_id: uuid.UUID | None) -> None:
-        """This process is calling the agent of `run_id` (None: of no run)."""
+    def executing_now(self, run_id: uuid.UUID | None, *, deadline: float = 0.0) -> None:
+        """This process is calling the agent of `run_id` (None: of no run), which must end by `deadline`."""
         pid, offset = os.getpid(), self._offset(os.getpid())
-        slot_pid, _, count = self.HEAD.unpack_from(self._memory, offset)
+        slot_pid, _, count, _, _ = self.HEAD.unpack_from(self._memory, offset)
         self.HEAD.pack_into(
-            self._memory, offset, pid, run_id.bytes if run_id else bytes(16), count if slot_pid == pid else 0
-        )
+            self._memory, offset, pid, run_id.bytes if run_id else bytes(16), count if slot_pid == pid else 0,
+            deadline if run_id else 0.0, 0,
+        )  # fmt: skip
 
     def executing(self, pid: int | None) -> uuid.UUID | None:
         """The run the process `pid` was executing, if it was executing one."""
         if not pid:
             return None
-        slot_pid, raw, _ = self.HEAD.unpack_from(self._memory, self._offset(pid))
+        slot_pid, raw, _, _, _ = self.HEAD.unpack_from(self._memory, self._offset(pid))
         return uuid.UUID(bytes=raw) if slot_pid == pid and any(raw) else None
+
+    def overdue(self, pid: int, *, now: float) -> uuid.UUID | None:
+        """The run the process `pid` has been executing past its hard deadline, not yet killed for it."""
+        slot_pid, raw, _, deadline, killed = self.HEAD.unpack_from(self._memory, self._offset(pid))
+        if slot_pid != pid or not any(raw) or not deadline or killed or now < deadline:
+            return None
+        return uuid.UUID(bytes=raw)
+
+    def mark_killed(self, pid: int) -> None:
+        offset = self._offset(pid)
+        slot_pid, raw, count, deadline, _ = self.HEAD.unpack_from(self._memory, offset)
+        if slot_pid == pid:
+            self.HEAD.pack_into(self._memory, offset, slot_pid, raw, count, deadline, 1)
+
+    def killed(self, pid: int | None) -> bool:
+        """Whether the main process killed the process `pid` for running past a hard deadline."""
+        if not pid:
+            return False
+        slot_pid, _, _, _, killed = self.HEAD.unpack_from(self._memory, self._offset(pid))
+        return slot_pid == pid and bool(killed)
 
     def held(self, pids: Iterable[int]) -> list[uuid.UUID]:
         """The runs held by the processes `pids`."""
         runs = []
         for pid in pids:
             offset = self._offset(pid)
-            slot_pid, _, count = self.HEAD.unpack_from(self._memory, offset)
+            slot_pid, _, count, _, _ = self.HEAD.unpack_from(self._memory, offset)
             if slot_pid != pid:
                 continue
             for index in range(min(count, self.capacity)):
@@ -138,8 +164,41 @@ class Heartbeat(threading.Thread):
             return 0
 
 
+class Watchdog(threading.Thread):
+    """Kills a pool process whose agent runs past its run's hard time limit.
+
+    Each run has its own limit, whatever else its message carries, and only an agent's own code is
+    ever stopped this way: a process recording outcomes (retrying through a database outage, say)
+    executes no run. The main process then learns from the board that the kill was for the time
+    limit, and fails that run alone (see execute.message_lost).
+    """
+
+    def __init__(self) -> None:
+        super().__init__(name="run-hard-limit-watchdog", daemon=True)
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(settings.RUN_WATCHDOG_SECONDS):
+            self.check()
+
+    def check(self) -> list[int]:
+        """Kill the pool processes past their run's hard deadline; returns their pids."""
+        killed, me, now = [], os.getpid(), time.time()
+        for pid in _children(me):
+            # A pool that runs agents in this very process (solo, threads) is left to Celery's own limit.
+            if pid == me or board.overdue(pid, now=now) is None:
+                continue
+            board.mark_killed(pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                logger.warning("killed pool process %s: its run passed its hard time limit", pid)
+        return killed
+
+
 def heartbeat_on_worker_ready(sender, **kwargs) -> None:
-    """Start the heartbeat in the worker's main process."""
+    """Start the heartbeat and the hard-limit watchdog in the worker's main process."""
     hostname = getattr(sender, "hostname", None)
     if hostname:
         Heartbeat(worker=hostname).start()
+        Watchdog().start()

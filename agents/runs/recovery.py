@@ -21,6 +21,7 @@ from agentplatform.celery import app
 from agentplatform.metrics import sweep_record
 from agentplatform.redis_client import redis_client, redis_key
 from agents.models import IN_FLIGHT, Agent, Run, RunStatus
+from agents.runs.delegation import parents_stranded, runs_wake_due
 from agents.runs.dispatch import messages_confirmed, messages_due, messages_found, run_dispatch
 from agents.runs.finish import followers_orphaned, runs_expire, worker_lost
 from scheduling.backlog import agent_field, backlog_reset, tier_field, user_field
@@ -43,6 +44,9 @@ class SweepReport:
     escalated: int = 0
     woken: int = 0
     settled_followers: int = 0
+    # Multi-agent work: waiting runs past their wake-up time, and parents whose children all ended uncounted.
+    awoken: int = 0
+    parents_resumed: int = 0
 
 
 def sweep_lock_key() -> str:
@@ -83,6 +87,8 @@ def _sweep() -> SweepReport:
         escalated=sweep_escalations(),
         woken=sweep_waiting_for_slots(),
         settled_followers=followers_orphaned(settings.SWEEP_BATCH),
+        awoken=runs_wake_due(settings.SWEEP_BATCH),
+        parents_resumed=parents_stranded(settings.SWEEP_BATCH),
     )
     backlog_recount()
     sweep_record(report)

@@ -3,10 +3,12 @@
 import json
 import logging
 import time
+from dataclasses import dataclass
+from typing import Any
 
 import redis
 from django.db import connection
-from django.db.models import QuerySet
+from django.db.models import Count, QuerySet
 
 from agentplatform import events
 from agentplatform.redis_client import redis_client
@@ -24,8 +26,12 @@ def run_visible_to(user) -> QuerySet[Run]:
     return runs if user.is_staff else runs.filter(submitted_by=user)
 
 
-def run_list(*, user, agent: str | None = None, status: str | None = None, tier: str | None = None) -> QuerySet[Run]:
+def run_list(
+    *, user, agent: str | None = None, status: str | None = None, tier: str | None = None, parent=None
+) -> QuerySet[Run]:
     runs = run_visible_to(user)
+    if parent:
+        runs = runs.filter(parent_id=parent)
     if agent:
         runs = runs.filter(agent__name=agent)
     if status:
@@ -93,3 +99,45 @@ def _connection_released() -> None:
     # Inside a transaction the connection holds the transaction's state: it cannot be given back.
     if not connection.in_atomic_block:
         connection.close()
+
+
+def run_children_by_status(run: Run) -> dict[str, int]:
+    """How many of the run's children stand at each status."""
+    rows = Run.objects.filter(parent=run).values_list("status").annotate(count=Count("pk")).order_by()
+    return dict(rows)
+
+
+@dataclass(frozen=True)
+class RunTree:
+    root: Any
+    count: int
+    truncated: bool
+    runs: list[dict[str, Any]]
+
+
+TREE_FIELDS = {
+    "id": "pk", "parent": "parent_id", "agent": "agent__name", "tier": "tier", "status": "status",
+    "submitted_at": "submitted_at", "started_at": "started_at", "finished_at": "finished_at",
+    "queue_wait_ms": "queue_wait_ms", "run_ms": "run_ms", "cached": "cached", "follows": "follows_id",
+    "round": "parent_round", "index": "sibling_index",
+}  # fmt: skip
+
+
+def run_tree(*, run: Run, limit: int) -> RunTree:
+    """The run and every run below it (children, their children, …), at most `limit` of them, top first."""
+    if run.root is None and run.parent_id is None:
+        # A run at the top of its tree: every run of the tree names it as root (one indexed read).
+        below = Run.objects.filter(root=run.pk)
+        count = below.count() + 1
+        rows = list(below.order_by("submitted_at", "sibling_index").values(*TREE_FIELDS.values())[: limit - 1])
+    else:
+        rows, count, level = [], 0, [run.pk]
+        while level:
+            children = list(Run.objects.filter(parent_id__in=level).values(*TREE_FIELDS.values()))
+            count += len(children)
+            rows += children[: max(limit - 1 - len(rows), 0)]
+            level = [child["pk"] for child in children]
+        count += 1
+    top = Run.objects.filter(pk=run.pk).values(*TREE_FIELDS.values())
+    nodes = [{name: row[column] for name, column in TREE_FIELDS.items()} for row in [*top, *rows]]
+    return RunTree(root=run.pk, count=count, truncated=count > len(nodes), runs=nodes)

@@ -187,6 +187,7 @@ def _build_run(
     parent: Run | None,
     critical_allowed: Callable[[], bool],
     as_caller: bool,
+    inherits: bool = True,
 ) -> Run:
     """An unsaved Run for a request, or RunRejected with field-level messages."""
     agent = agents.get(request.agent)
@@ -195,7 +196,11 @@ def _build_run(
         raise RunRejected({"agent": [f"Unknown agent {request.agent!r}."]})
     if not agent.enabled:
         raise RunRejected({"agent": [f"Agent {request.agent!r} is disabled."]})
-    tier = _tier(request, agent, critical_allowed=critical_allowed)
+    if parent is not None and inherits and request.tier is None:
+        # A child works on its parent's behalf, at its parent's urgency unless it asks for another.
+        tier = Tier(parent.tier)
+    else:
+        tier = _tier(request, agent, critical_allowed=critical_allowed)
     _input_checked(request.input)
     try:
         # A caller is told about a field the agent does not declare; code (a topic's message shared
@@ -215,6 +220,15 @@ def _build_run(
         expires_at = now + timedelta(seconds=request.expires_in)
     if expires_at is not None and expires_at <= now:
         raise RunRejected({"expires_at": ["The expiry has already passed."]})
+    deadline = run_deadline(submitted_at=now, sla_seconds=agent.sla_seconds, requested=request.deadline)
+    root = None
+    if parent is not None:
+        root = parent.root or parent.pk
+    if parent is not None and inherits:
+        # A tree keeps its top's promises: no child is due later, or may start later, than its parent.
+        deadline = min(deadline, parent.deadline)
+        if parent.expires_at is not None:
+            expires_at = min(expires_at or parent.expires_at, parent.expires_at)
     return Run(
         agent=agent,
         agent_version=spec.version,
@@ -223,13 +237,14 @@ def _build_run(
         input=parsed.model_dump(mode="json", exclude_computed_fields=True),
         submitted_by=user,
         parent=parent,
+        root=root,
         idempotency_key=request.idempotency_key,
         sla_seconds=agent.sla_seconds,
         soft_time_limit=agent.soft_time_limit,
         time_limit=agent.time_limit,
         max_retries=agent.max_retries,
         submitted_at=now,
-        deadline=run_deadline(submitted_at=now, sla_seconds=agent.sla_seconds, requested=request.deadline),
+        deadline=deadline,
         expires_at=expires_at,
         escalate_at=escalation_due(
             submitted_at=now, sla_seconds=agent.sla_seconds, fraction=settings.ESCALATION_SLA_FRACTION
@@ -244,14 +259,24 @@ def _agents_named(names: set[str]) -> dict[str, Agent]:
     return {agent.name: agent for agent in agents}
 
 
-def run_submit(*, user, request: RunRequest, parent: Run | None = None, as_caller: bool = False) -> tuple[Run, bool]:
+def run_submit(
+    *, user, request: RunRequest, parent: Run | None = None, as_caller: bool = False, inherits: bool = True
+) -> tuple[Run, bool]:
     """Create and dispatch one run; returns (run, created). A repeated idempotency key returns the first run."""
-    ((run, created),) = run_submit_many(user=user, requests=[request], parent=parent, as_caller=as_caller)
+    ((run, created),) = run_submit_many(
+        user=user, requests=[request], parent=parent, as_caller=as_caller, inherits=inherits
+    )
     return run, created
 
 
 def run_submit_many(
-    *, user, requests: Sequence[RunRequest], parent: Run | None = None, as_caller: bool = False
+    *,
+    user,
+    requests: Sequence[RunRequest],
+    parent: Run | None = None,
+    as_caller: bool = False,
+    parent_round: int | None = None,
+    inherits: bool = True,
 ) -> list[tuple[Run, bool]]:
     """Create runs for all requests in one transaction and dispatch them together, or reject them all.
 
@@ -260,6 +285,11 @@ def run_submit_many(
     otherwise), an agent whose tier is critical runs on standard for them, and an input field the
     agent does not declare is refused. Without it, the code that submits chose the tier (an agent's
     child run, a schedule an operator set up, a topic's reaction) and undeclared fields are dropped.
+
+    A child of `parent` works on its behalf: on its tier unless it names one, due and expiring no later
+    than it; without `inherits` (a run reacting to a message `parent` published) it keeps its own.
+    With `parent_round`, the runs are children that `parent` gathers in that round, in this order: they
+    are part of work already admitted, so they count in the backlog but are never refused.
 
     A RunRejected for a batch names the failing item by its index: {"runs": {"3": {"input": [...]}}}.
     An idempotency key already used for another agent, input or tier raises IdempotencyConflict.
@@ -278,12 +308,16 @@ def run_submit_many(
                     parent=parent,
                     critical_allowed=critical_allowed,
                     as_caller=as_caller,
+                    inherits=inherits,
                 )
             )
         except RunRejected as exc:
             if len(requests) == 1:
                 raise
             raise type(exc)({"runs": {str(index): exc.errors}}) from exc
+    if parent_round is not None:
+        for index, run in enumerate(built):
+            run.parent_round, run.sibling_index = parent_round, index
     _repeated_keys_agree(built)
     tier_given = {run.pk for run, request in zip(built, requests, strict=True) if request.tier is not None}
     # Runs that may share work: answered from the result cache, or following an identical run in flight.
@@ -291,11 +325,12 @@ def run_submit_many(
     shareable = [run for run, request in pairs if request.cache != "bypass" and run.agent.cache_ttl > 0]
     runs_answer_from_cache(shareable)
     shareable_ids = {run.pk for run in shareable}
+    admitted = parent_round is not None
     try:
-        return _insert_runs(user=user, runs=built, shareable=shareable_ids, tier_given=tier_given)
+        return _insert_runs(user=user, runs=built, shareable=shareable_ids, tier_given=tier_given, admitted=admitted)
     except IntegrityError:
         # Another request inserted one of these idempotency keys first; now it is found.
-        return _insert_runs(user=user, runs=built, shareable=shareable_ids, tier_given=tier_given)
+        return _insert_runs(user=user, runs=built, shareable=shareable_ids, tier_given=tier_given, admitted=admitted)
 
 
 def _same_request(first: Run, run: Run, *, tier_given: bool) -> bool:
@@ -320,7 +355,9 @@ def _repeated_keys_agree(runs: list[Run]) -> None:
         raise RunRejected({"runs": errors})
 
 
-def _insert_runs(*, user, runs: list[Run], shareable: set, tier_given: set) -> list[tuple[Run, bool]]:
+def _insert_runs(
+    *, user, runs: list[Run], shareable: set, tier_given: set, admitted: bool = False
+) -> list[tuple[Run, bool]]:
     keys = {run.idempotency_key for run in runs if run.idempotency_key}
     # Only a lookup of idempotency keys must share a transaction with the insert; a lone INSERT is
     # atomic in itself, and skipping BEGIN and COMMIT saves a lone run two round trips.
@@ -350,7 +387,7 @@ def _insert_runs(*, user, runs: list[Run], shareable: set, tier_given: set) -> l
         runs_follow_inflight([run for run in queued if run.pk in shareable])
         # A follower takes no worker, so only the runs that will execute count against the backlog.
         executing = [run for run in queued if run.follows_id is None]
-        reserved = _admit(executing)
+        reserved = _admit(executing, check=not admitted)
         try:
             if len(new_runs) == 1:
                 new_runs[0].save(force_insert=True)
@@ -375,7 +412,7 @@ def _conflict(first: Run, *, index: int | None) -> IdempotencyConflict:
     return IdempotencyConflict(errors if index is None else {"runs": {str(index): errors}})
 
 
-def _admit(runs: list[Run]) -> Counter[str]:
+def _admit(runs: list[Run], *, check: bool = True) -> Counter[str]:
     """Reserve the runs' places in their tier's, agent's and submitter's backlog, or refuse them all
     (AdmissionRefused).
 
@@ -387,8 +424,8 @@ def _admit(runs: list[Run]) -> Counter[str]:
             reserved[field] += 1
     higher = {tier_field(other) for run in runs for other in HIGHER_TIERS[Tier(run.tier)]}
     counts = backlog_reserve(reserved, also=higher) if runs else None
-    if counts is None:
-        return Counter()
+    if counts is None or not check:
+        return reserved if counts is not None else Counter()
     try:
         _admission_check(runs, counts, drain=lambda queryset: 0.0)
     except AdmissionRefused as refused:

@@ -22,7 +22,7 @@ from django.utils import timezone
 from redis import RedisError
 
 from agents.models import Run, RunStatus
-from agents.runs.execute import runs_hand_back
+from agents.runs.execute import runs_hand_back, spooled_record_all
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,8 @@ _worker = _Worker()
 def runs_hand_back_held(*, worker: str, since: datetime) -> list[Run]:
     """Queue again, without counting the attempt, the runs that `worker` claimed since `since` and still
     holds, and send them in new messages; returns them. Only for a worker whose pool has stopped."""
+    # What its processes had finished is recorded, not run again.
+    spooled_record_all(worker=worker)
     held = Q(status=RunStatus.RUNNING, worker=worker)
     runs = list(Run.objects.select_related("agent").filter(held, started_at__gte=since))
     if runs:

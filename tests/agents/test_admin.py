@@ -396,6 +396,28 @@ def test_the_run_page_shows_every_field_of_the_run(staff_client):
     assert f'<a href="{run_url(leader)}">{leader.pk}</a>' in html  # follows and parent link to that run
 
 
+def test_the_run_page_shows_the_error_of_each_attempt_and_the_agents_log(staff_client):
+    run = RunFactory(
+        status=RunStatus.FAILED,
+        attempts=2,
+        error={"type": "ValueError", "message": "second", "traceback": "Traceback: second"},
+        attempt_errors=[
+            {"attempt": 1, "at": "2026-01-01T00:00:00+00:00", "type": "KeyError", "message": "<first>",
+             "traceback": "Traceback: first"},
+            {"attempt": 2, "at": "2026-01-01T00:00:05+00:00", "type": "ValueError", "message": "second",
+             "traceback": "Traceback: second"},
+        ],
+        log="2026-01-01 00:00:00,000 INFO reading <input>\n--- attempt 2 ---\n2026-01-01 00:00:05,000 INFO again\n",
+    )  # fmt: skip
+
+    html = staff_client.get(run_url(run)).content.decode()
+
+    assert "<td>1</td><td>2026-01-01T00:00:00+00:00</td><td><code>KeyError</code></td><td>&lt;first&gt;</td>" in html
+    assert "<pre>Traceback: first</pre>" in html
+    assert "<td><code>ValueError</code></td><td>second</td>" in html
+    assert "INFO reading &lt;input&gt;\n--- attempt 2 ---\n" in html
+
+
 def test_a_queued_runs_page_has_cancel_and_run_again_buttons(staff_client):
     run = RunFactory()
 

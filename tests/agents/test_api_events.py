@@ -90,6 +90,26 @@ def test_a_run_stream_carries_its_events_and_ends_with_the_run(events_server):
     assert client.headers["content-type"].startswith("text/event-stream")
 
 
+def test_the_stream_of_a_root_carries_every_event_of_its_tree_and_ends_with_the_root(events_server):
+    root = RunFactory()
+    child = RunFactory(parent=root, root=root.pk, submitted_by=root.submitted_by, finished=True)
+    grandchild = RunFactory(parent=child, root=root.pk, submitted_by=root.submitted_by, finished=True)
+    client = stream(events_server, f"run={root.pk}", root.submitted_by)
+    client.subscribed()
+
+    publish(grandchild, "succeeded")
+    publish(child, "succeeded")
+    runs_execute(run_ids=[str(root.pk)], worker="w1")
+
+    received = [(item.data["run"], item.event) for item in client.events_until_end()]
+    assert received == [
+        (str(grandchild.pk), "succeeded"),
+        (str(child.pk), "succeeded"),
+        (str(root.pk), "started"),
+        (str(root.pk), "succeeded"),
+    ]
+
+
 def test_the_stream_of_a_finished_run_gives_its_final_state_and_ends(events_server):
     run = RunFactory(finished=True)
 
