@@ -31,6 +31,7 @@ from agents.runs.submit import run_rerun
 from agents.schedules import schedule_delete, schedule_errors, schedule_save
 from agents.stats import StatsBlock, agent_stats
 from agents.topics import topic_stats
+from agents.tree_picture import run_tree_picture
 from caching.results import result_cache_clear
 from scheduling.admission import AdmissionRefused
 
@@ -245,6 +246,7 @@ class AgentAdmin(admin.ModelAdmin):
 RUN_FIELDSETS = [
     (None, {"fields": ["id", "agent", "agent_version", "tier", "status", "submitted_by", "idempotency_key"]}),
     ("Shared work", {"fields": ["parent_link", "follows_link", "cached"]}),
+    ("Tree", {"fields": ["tree_picture"]}),
     ("Input and outcome", {"fields": ["input_pretty", "result_pretty", "error_pretty", "error_traceback"]}),
     ("Attempts", {"fields": ["attempts", "lost_attempts", "attempt_errors_pretty", "log_pretty"]}),
     ("Timing", {"fields": ["submitted_at", "started_at", "finished_at", "queue_wait_ms", "run_ms"]}),
@@ -292,7 +294,7 @@ class RunAdmin(admin.ModelAdmin):
     ordering = ["-submitted_at"]
     show_full_result_count = False
     actions = ["cancel_runs", "run_again"]
-    readonly_fields = [*RUN_FIELDS_SHOWN_AS.values(), "error_traceback"]
+    readonly_fields = [*RUN_FIELDS_SHOWN_AS.values(), "error_traceback", "tree_picture"]
 
     def get_fieldsets(self, request, obj=None):
         """The sections above, then any other field of the run under "More": the page shows every field."""
@@ -417,6 +419,11 @@ class RunAdmin(admin.ModelAdmin):
     def error_traceback(self, run: Run) -> str | None:
         traceback = (run.error or {}).get("traceback")
         return format_html("<pre>{}</pre>", traceback) if traceback else None
+
+    @admin.display(description="runs below")
+    def tree_picture(self, run: Run) -> str | None:
+        """The run and every run below it, each coloured by status and linked (a DAG of steps for a workflow)."""
+        return run_tree_picture(run, link=lambda run_id: reverse("admin:agents_run_change", args=[run_id]))
 
     @admin.display(description="errors of each attempt")
     def attempt_errors_pretty(self, run: Run) -> str | None:
