@@ -313,3 +313,16 @@ def supervise(ctx, input: SquareInput, wake) -> object:
         retry = Child("test.square", {"n": input.n}, tier="batch")
         return ctx.delegate([retry], then=supervise, state={"redelegated": wake.failed[0].run})
     return {"square": wake.results[0]["square"], "redelegated": (wake.state or {}).get("redelegated")}
+
+
+@agent(name="test.chatty_delegate", input=ChattyInput, soft_time_limit=10, time_limit=15)
+def chatty_delegate(ctx, input: ChattyInput) -> object:
+    """Logs, hands an echo child its work, and logs again in its continuation once the child has ended."""
+    ctx.logger.info("handing over to a child")
+    return ctx.delegate([("echo", {"n": 1})], then=chatty_delegate_done)
+
+
+@continuation
+def chatty_delegate_done(ctx, input: ChattyInput, wake) -> dict:
+    ctx.logger.info("the child ended")
+    return {"children": len(wake.children)}

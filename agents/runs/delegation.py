@@ -147,6 +147,8 @@ def run_delegate(*, attempt: Attempt, held: Q) -> bool:
         "lost_attempts": 0,
         "started_at": attempt.started_at,
         "run_ms": attempt.run_ms,
+        # What the agent logged before it delegated stays with the run (see finish.Attempt.log).
+        "log": run.log if attempt.log is None else attempt.log,
         "queue_wait_ms": run.queue_wait_ms
         if run.queue_wait_ms is not None
         else max(int((attempt.started_at - run.submitted_at).total_seconds() * 1000), 0),

@@ -73,6 +73,19 @@ def test_each_failed_attempt_keeps_its_error_and_every_attempt_its_log(chatty):
     assert run.log.index("attempt 1") < run.log.index("--- attempt 2 ---") < run.log.index("line 0 of attempt 3")
 
 
+def test_what_an_agent_logged_before_it_delegated_is_kept_with_what_its_continuation_logs(transactional_db):
+    run = RunFactory(agent=Agent.objects.get(name="test.chatty_delegate"), input={})
+
+    waiting = executed(run)
+    executed(Run.objects.get(parent=run))
+    run = executed(run)
+
+    assert waiting.status == RunStatus.WAITING
+    assert "INFO handing over to a child" in waiting.log
+    assert run.status == RunStatus.SUCCEEDED
+    assert run.log.index("handing over to a child") < run.log.index("INFO the child ended")
+
+
 def test_a_run_out_of_retries_keeps_every_attempts_error_and_the_last_as_its_error(chatty):
     run = RunFactory(agent=chatty, input={"fail_times": 5}, max_retries=1)
 
