@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.procfile import procfile
+
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker" / "compose.yaml"
-PROCFILE = ROOT / "Procfile"
 DATA_STORES = {"postgres", "redis"}
 # Runs once (the migrations); the other platform services wait for it.
 RELEASE = "release"
@@ -23,16 +24,6 @@ SECRETS = {
     "FLOWER_BASIC_AUTH": "admin:compose-test-flower-password",
 }
 INSTALL_SECONDS = 600
-
-
-def procfile() -> dict[str, str]:
-    """Process name -> command, as the Procfile declares them."""
-    commands = {}
-    for line in PROCFILE.read_text().splitlines():
-        if line.strip() and not line.lstrip().startswith("#"):
-            name, _, command = line.partition(":")
-            commands[name.strip()] = command.strip()
-    return commands
 
 
 def docker_compose() -> str:

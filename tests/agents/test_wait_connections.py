@@ -2,7 +2,6 @@
 
 import json
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from rest_framework.authtoken.models import Token
 
 from tests.conftest import ROOT, worker_env
 from tests.factories import RunFactory, UserFactory
+from tests.procfile import procfile
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("transactional_db")]
 
@@ -43,7 +43,7 @@ def http(method: str, url: str, token: str, body: object = None, timeout: float 
 @pytest.fixture
 def web(tmp_path: Path) -> Iterator[str]:
     """The web process as the Procfile runs it, with a database pool of four connections per process."""
-    command = re.search(r"^web: (.+)$", (ROOT / "Procfile").read_text(), re.MULTILINE).group(1)
+    command = procfile()["web"]
     port = free_port()
     env = {
         **worker_env(),

@@ -31,9 +31,9 @@ from agents.models import Run, RunStatus
 from agents.runs.dispatch import EXECUTE_RUN_TASK
 from scheduling.tiers import Tier
 from tests.drills.executions import LOG_DIR_VARIABLE, ExecutionLog
+from tests.procfile import procfile
 
 ROOT = Path(__file__).resolve().parents[2]
-PROCFILE = ROOT / "Procfile"
 VENV_BIN = Path(sys.executable).parent
 POSTGRES_BIN = Path("/usr/lib/postgresql/15/bin")
 READY_SECONDS = 90
@@ -91,16 +91,6 @@ def kill(process: Identity, sig: signal.Signals = signal.SIGKILL) -> bool:
         os.kill(pid, sig)
         return True
     return False
-
-
-def procfile() -> dict[str, str]:
-    """Process name -> command line, as the Procfile declares them."""
-    commands = {}
-    for line in PROCFILE.read_text().splitlines():
-        if line.strip() and not line.lstrip().startswith("#"):
-            name, _, command = line.partition(":")
-            commands[name.strip()] = command.strip()
-    return commands
 
 
 def drill_processes() -> list[str]:
