@@ -14,6 +14,7 @@ class AgentsConfig(AppConfig):
             cancel_on_worker_shutting_down,
             consumer_on_worker_ready,
             hand_back_on_worker_shutdown,
+            spools_recorded_on_worker_ready,
         )
         from agents.sync import sync_on_migrate, sync_on_worker_ready
 
@@ -22,5 +23,7 @@ class AgentsConfig(AppConfig):
         worker_ready.connect(heartbeat_on_worker_ready, weak=False)
         # A worker told to stop hands the runs in progress back to the queue instead of waiting for them.
         worker_ready.connect(consumer_on_worker_ready, weak=False)
+        # What a worker killed whole had finished is recorded by the next of its name.
+        worker_ready.connect(spools_recorded_on_worker_ready, weak=False)
         worker_shutting_down.connect(cancel_on_worker_shutting_down, weak=False)
         worker_shutdown.connect(hand_back_on_worker_shutdown, weak=False)

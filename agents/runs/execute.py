@@ -19,7 +19,7 @@ import time
 import traceback
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -370,12 +370,16 @@ def _time_limit_exceeded(culprit: Run) -> None:
     slots_free(culprit)
 
 
-def spooled_record_all(*, worker: str) -> None:
-    """Record what every pool process of `worker` had finished but not written: for a worker whose pool stopped."""
+def spooled_record_all(*, worker: str, live: Collection[int] = ()) -> None:
+    """Record what the pool processes of `worker` had finished but not written, but for the `live` ones: for a
+    worker whose pool stopped, or one starting where an earlier worker of its name died whole."""
     for path in Path(settings.RUN_SPOOL_DIR).glob(f"agentplatform-{UNSAFE.sub('_', worker)}-*.jsonl"):
         pid = path.stem.rsplit("-", 1)[-1]
-        if pid.isdigit():
-            _spooled_record(worker=worker, pid=int(pid))
+        if pid.isdigit() and int(pid) not in live:
+            try:
+                _spooled_record(worker=worker, pid=int(pid))
+            except DatabaseError as exc:
+                logger.warning("could not record what process %s of %s had finished: %s", pid, worker, exc)
 
 
 def _spooled_record(*, worker: str, pid: int | None) -> None:

@@ -140,6 +140,11 @@ def _children(pid: int) -> list[int]:
     return children
 
 
+def pool_processes() -> list[int]:
+    """The live pool processes of this worker (and this process, for pools that run agents in it)."""
+    return _children(os.getpid())
+
+
 class Heartbeat(threading.Thread):
     """Renews the leases of the runs this worker's processes hold, until the worker stops."""
 

@@ -23,6 +23,7 @@ from redis import RedisError
 
 from agents.models import Run, RunStatus
 from agents.runs.execute import runs_hand_back, spooled_record_all
+from agents.runs.lease import pool_processes
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,14 @@ def runs_hand_back_held(*, worker: str, since: datetime) -> list[Run]:
     if runs:
         runs_hand_back(runs, held=held)
     return runs
+
+
+def spools_recorded_on_worker_ready(sender: Any, **kwargs: Any) -> None:
+    """A worker killed whole (its main process too) left its processes' spools: the next worker of its name,
+    on this machine, records what they had finished before their leases lapse and the runs run again."""
+    hostname = getattr(sender, "hostname", None)
+    if hostname:
+        spooled_record_all(worker=hostname, live=set(pool_processes()))
 
 
 def consumer_on_worker_ready(sender: Any, **kwargs: Any) -> None:
