@@ -71,7 +71,7 @@ def test_postgres_stopped_under_submission_load_loses_no_accepted_run_and_execut
     stack = make_stack("postgres-outage", database=database)
     stack.start()
     log = stack.executions
-    batch = [{"agent": "drill.count", "input": {"tag": "postgres-outage-batch", "seconds": 0.1}} for _ in range(200)]
+    batch = [{"agent": "drill.count", "input": {"tag": "postgres-outage-batch", "seconds": 0.1}} for _ in range(120)]
     accepted = stack.submit_batch(batch)
     submitter = Submitter(stack, per_second=SUBMISSIONS_PER_SECOND)
     submitter.start()

@@ -186,22 +186,9 @@ def assert_under_way(statuses: Counter[str], done: int) -> None:
     assert done <= LEAVES // 2, f"{done} of {LEAVES} leaves were already done at the fault"
 
 
-def test_a_tree_completes_once_per_step_through_a_pool_process_killed_mid_leaf(make_stack, shared_database):
-    stack = make_stack("tree-pool-kill", database=shared_database)
-    stack.start()
-    root = submit_tree(stack, "tree-pool-kill")
-
-    statuses = when_under_way(stack)
-    leaf = executing_leaf(stack, "standard")
-    done_at_fault = leaves_done(stack)
-    killed = stack.kill_pool_process("standard", leaf.pid)
-    outcome = tree_tally(root=root, rows=tree_settled(shared_database, root), executions=stack.executions.read())
-
-    assert_under_way(statuses, done_at_fault)
-    assert outcome.failures == (0, 0, 0), f"{outcome}\nkilled {killed} working on {leaf}\n{stack.diagnostics()}"
-
-
-def test_a_tree_completes_once_per_step_through_a_worker_killed_whole_mid_leaf(make_stack, shared_database):
+def test_a_tree_completes_once_per_step_through_a_pool_process_then_its_whole_worker_killed_mid_leaf(
+    make_stack, shared_database
+):
     # Short leases renewed often, so that the dead worker's runs are claimed again within seconds.
     stack = make_stack("tree-worker-kill", database=shared_database, RUN_LEASE_SECONDS="10", RUN_HEARTBEAT_SECONDS="2")
     stack.start()
@@ -210,12 +197,16 @@ def test_a_tree_completes_once_per_step_through_a_worker_killed_whole_mid_leaf(m
     statuses = when_under_way(stack)
     leaf = executing_leaf(stack, "standard")
     done_at_fault = leaves_done(stack)
+    killed = stack.kill_pool_process("standard", leaf.pid)
+    # Then, while the tree is still under way, the worker dies whole (main process and pool).
+    second = executing_leaf(stack, "standard")
     stack.crash("standard")
     stack.start("standard")
     outcome = tree_tally(root=root, rows=tree_settled(shared_database, root), executions=stack.executions.read())
 
     assert_under_way(statuses, done_at_fault)
-    assert outcome.failures == (0, 0, 0), f"{outcome}\nkilled while working on {leaf}\n{stack.diagnostics()}"
+    message = f"{outcome}\nkilled {killed} working on {leaf}, then the worker working on {second}"
+    assert outcome.failures == (0, 0, 0), f"{message}\n{stack.diagnostics()}"
 
 
 def test_a_tree_completes_once_per_step_through_redis_restarted_empty_mid_tree(
