@@ -9,11 +9,13 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from datetime import timedelta
 
 import psycopg
 import pytest
 from django.conf import settings as django_settings
 from django.db import connection
+from django.utils import timezone
 from psycopg import sql
 from pydantic import BaseModel
 
@@ -158,6 +160,20 @@ def test_the_run_a_message_starts_is_keyed_by_the_message_and_the_agent():
     dispatch(data)
 
     assert Run.objects.get(agent__name="test.listener").idempotency_key == f"topic:{message_id}:test.listener"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_run_reacting_to_a_message_keeps_its_own_tier_and_deadline_not_its_publishers():
+    publisher = RunFactory(tier="batch", deadline=timezone.now() + timedelta(seconds=1))
+    publish(9, run=publisher)
+    _, data = delivered()
+
+    dispatch(data)
+
+    reaction = Run.objects.get(agent__name="test.listener")
+    assert reaction.parent_id == publisher.pk
+    assert reaction.tier == reaction.agent.tier
+    assert reaction.deadline > publisher.deadline
 
 
 @pytest.mark.django_db(transaction=True)
