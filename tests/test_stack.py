@@ -305,7 +305,7 @@ def run_row(tmp_path: Path, run_id: str) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_make_up_serves_the_platform_and_ctrl_c_stops_all_of_it(tmp_path):
+def test_make_up_serves_the_platform_and_ctrl_c_stops_all_of_it_handing_back_the_runs_in_progress(tmp_path):
     with make_up(tmp_path) as stack:
         serving(stack)
 
@@ -340,20 +340,13 @@ def test_make_up_serves_the_platform_and_ctrl_c_stops_all_of_it(tmp_path):
         assert {os.sched_getscheduler(pid) for pid in workers["critical"]} == {os.SCHED_OTHER}
         # Ctrl-C reaches the process manager alone: no worker process is in the terminal's process group.
         assert os.getpgid(stack.process.pid) not in {os.getpgid(pid) for pids in workers.values() for pid in pids}
-
-        os.killpg(stack.process.pid, signal.SIGINT)
-        assert stack.stopped_within(STOP_SECONDS) == []
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_a_run_in_progress_at_ctrl_c_is_queued_again_at_once_and_the_stop_shows_no_traceback(tmp_path):
-    with make_up(tmp_path) as stack:
-        serving(stack)
-        run = stack.submit("sleep", {"seconds": 600})
+        # A run in progress at Ctrl-C is queued again at once, its attempt not spent, without a traceback.
+        sleeping = stack.submit("sleep", {"seconds": 600})
         stack.wait_until(
             "the run starting",
-            lambda: http("GET", f"{stack.web}/api/v1/runs/{run['id']}/", token=stack.token())[1]["status"] == "running",
+            lambda: (
+                http("GET", f"{stack.web}/api/v1/runs/{sleeping['id']}/", token=stack.token())[1]["status"] == "running"
+            ),
             time.monotonic() + START_SECONDS,
         )
         before = len(stack.log.read_bytes())
@@ -361,7 +354,7 @@ def test_a_run_in_progress_at_ctrl_c_is_queued_again_at_once_and_the_stop_shows_
         os.killpg(stack.process.pid, signal.SIGINT)
 
         assert stack.stopped_within(STOP_SECONDS) == []
-        row = run_row(tmp_path, run["id"])
+        row = run_row(tmp_path, sleeping["id"])
         assert (row["status"], row["attempts"], row["lost_attempts"], row["error"]) == ("queued", 0, 0, None)
         stopping = stack.log.read_bytes()[before:].decode(errors="replace")
         assert "Traceback" not in stopping, stopping[-6000:]
