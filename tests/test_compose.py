@@ -4,13 +4,13 @@ resolves `config` without an engine), held to the Procfile: one service per proc
 
 import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.debian import debian_program
 from tests.procfile import procfile
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,26 +23,11 @@ SECRETS = {
     "POSTGRES_PASSWORD": "compose-test-database-password",
     "FLOWER_BASIC_AUTH": "admin:compose-test-flower-password",
 }
-INSTALL_SECONDS = 600
 
 
 def docker_compose() -> str:
-    """The docker-compose program, Debian's package installed first when it is missing."""
-    if found := shutil.which("docker-compose"):
-        return found
-    if not shutil.which("apt-get") or os.geteuid() != 0:
-        pytest.skip("docker-compose is missing, and Debian's package cannot be installed here (no apt-get or not root)")
-    policy = subprocess.run(["apt-cache", "policy", "docker-compose"], capture_output=True, text=True, timeout=60)
-    if not re.search(r"Candidate: (?!\(none\))\S+", policy.stdout):
-        pytest.skip("docker-compose is missing, and apt knows no docker-compose package to install")
-    installed = subprocess.run(
-        ["apt-get", "install", "-y", "docker-compose"], env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
-        capture_output=True, text=True, timeout=INSTALL_SECONDS,
-    )  # fmt: skip
-    if installed.returncode != 0 or not (found := shutil.which("docker-compose")):
-        reason = (installed.stderr.strip().splitlines() or ["no output"])[-1]
-        pytest.skip(f"docker-compose is missing, and installing Debian's package failed: {reason}")
-    return found
+    """Debian's docker-compose, installed with apt-get when it is missing (it validates without an engine)."""
+    return debian_program("docker-compose", "docker-compose")
 
 
 def compose_config(tmp_path: Path, **variables: str) -> subprocess.CompletedProcess:

@@ -1,7 +1,5 @@
 """`/metrics`: Prometheus's format behind a bearer token, every process's counts added up (multiprocess mode)."""
 
-import os
-import shutil
 import subprocess
 from datetime import timedelta
 
@@ -12,13 +10,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from agents.models import Run, RunStatus
 from agents.runs.recovery import sweep
 from scheduling.backlog import backlog_reset
+from tests.debian import debian_program
 from tests.factories import RunFactory
 from tests.polling import eventually
 
 TOKEN = "metrics-test-token"
 RUNS = "/api/v1/runs/"
 RUNS_SECONDS = 60
-APT_SECONDS = 600
 SLA_PARTS = ("queue_wait", "run_time")
 
 
@@ -79,19 +77,8 @@ def finished(run_ids: list[str]) -> None:
 
 
 def promtool() -> str:
-    """Debian's promtool (package prometheus), installed when missing and this test may install packages."""
-    if found := shutil.which("promtool"):
-        return found
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        pytest.skip("promtool is missing: apt-get install prometheus")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "-o", "DPkg::Lock::Timeout=120", "install", "-y", "--no-install-recommends", "prometheus"]
-    if subprocess.run(install, env=env, capture_output=True, timeout=APT_SECONDS).returncode != 0:
-        # The package lists may be older than the archive: refresh them once.
-        subprocess.run(["apt-get", "update"], env=env, capture_output=True, timeout=APT_SECONDS)
-        done = subprocess.run(install, env=env, capture_output=True, text=True, timeout=APT_SECONDS)
-        assert done.returncode == 0, done.stderr[-2000:]
-    return shutil.which("promtool") or pytest.fail("apt-get installed prometheus but promtool is not on PATH")
+    """Debian's promtool (package prometheus), installed with apt-get when it is missing."""
+    return debian_program("promtool", "prometheus")
 
 
 def test_metrics_answer_401_without_the_bearer_token(client, settings):

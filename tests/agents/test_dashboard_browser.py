@@ -8,8 +8,6 @@ resolve to nothing, so the browser reaches no address but loopback.
 
 import base64
 import json
-import os
-import shutil
 import subprocess
 import time
 import urllib.request
@@ -26,10 +24,10 @@ from websockets.sync.client import ClientConnection, connect
 from agents.models import Agent, RunStatus
 from agents.stats import admission_refusals_record
 from scheduling.tiers import Tier
+from tests.debian import INSTALL_SECONDS, debian_program
 from tests.factories import RunFactory, StaffFactory
 from tests.polling import eventually
 
-INSTALL_SECONDS = 600
 BROWSER_START_SECONDS = 60
 DASHBOARD_READY_SECONDS = 60
 PASSWORD = "secret-password"  # StaffFactory's
@@ -37,23 +35,7 @@ PASSWORD = "secret-password"  # StaffFactory's
 
 def chromium() -> str:
     """Debian's chromium, installed with apt-get when it is missing."""
-    found = shutil.which("chromium")
-    if found:
-        return found
-    if shutil.which("apt-get") is None or os.geteuid() != 0:
-        pytest.skip("chromium is not installed, and installing it needs apt-get and root")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    # Waits for another apt-get (a concurrent test run installing the same) rather than failing.
-    apt = ["apt-get", "-o", "DPkg::Lock::Timeout=300", "-y", "-q"]
-    install = [*apt, "install", "--no-install-recommends", "chromium", "fonts-dejavu-core"]
-    if subprocess.run(install, env=env, capture_output=True, timeout=INSTALL_SECONDS).returncode != 0:
-        # A new machine may have no package lists yet.
-        subprocess.run([*apt, "update"], env=env, capture_output=True, timeout=INSTALL_SECONDS, check=True)
-        done = subprocess.run(install, env=env, capture_output=True, text=True, timeout=INSTALL_SECONDS)
-        assert done.returncode == 0, f"apt-get could not install chromium:\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
-    found = shutil.which("chromium")
-    assert found, "apt-get installed chromium but it is not on PATH"
-    return found
+    return debian_program("chromium", "chromium", "fonts-dejavu-core")
 
 
 class DevTools:
