@@ -348,12 +348,14 @@ def message_lost(*, run_ids: Sequence[str], worker: str, pid: int | None) -> Non
     spending a retry, and the others go back, for the redelivered message to claim at once."""
     _spooled_record(worker=worker, pid=pid)
     culprit, others = _message_held(run_ids, worker=worker, pid=pid)
-    messages_restored([str(run.pk) for run in others])
-    if culprit is not None and board.killed(pid):
+    killed = culprit is not None and board.killed(pid)
+    # Celery delivers the message again, for every run of it that goes back to the queue.
+    going_back = [*others, culprit] if culprit is not None and not killed else others
+    messages_restored([str(run.pk) for run in going_back])
+    if killed:
         _time_limit_exceeded(culprit)
     elif culprit is not None:
-        messages_restored([str(culprit.pk)])
-        # Celery delivers the message again: it claims the run, queued again without spending a retry.
+        # The redelivered message claims the run, queued again without spending a retry.
         worker_lost(culprit, dispatch=False)
     if others:
         _release(others, held=Q(status=RunStatus.RUNNING, worker=worker))
