@@ -257,7 +257,9 @@ WORKER_CONCURRENCY_CRITICAL = env_int("WORKER_CONCURRENCY_CRITICAL", 4)
 # sweeper reads the broker to see whether the message is still there.
 SWEEP_INTERVAL_SECONDS = env_float("SWEEP_INTERVAL_SECONDS", 5)
 SWEEP_QUEUED_AFTER_SECONDS = env_float("SWEEP_QUEUED_AFTER_SECONDS", 10)
-SWEEP_MESSAGE_OVERDUE_SECONDS = env_float("SWEEP_MESSAGE_OVERDUE_SECONDS", 300)
+# A message can be lost without a trace (taken by a worker at the instant it was killed): a minute bounds
+# how long its runs wait before the sweeper reads the broker and sends them again.
+SWEEP_MESSAGE_OVERDUE_SECONDS = env_float("SWEEP_MESSAGE_OVERDUE_SECONDS", 60)
 SWEEP_BATCH = env_int("SWEEP_BATCH", 1000)
 RETRY_BACKOFF_BASE_SECONDS = env_float("RETRY_BACKOFF_BASE_SECONDS", 1.0)
 RETRY_BACKOFF_MAX_SECONDS = env_float("RETRY_BACKOFF_MAX_SECONDS", 300.0)
