@@ -113,7 +113,8 @@ def test_the_data_has_each_tiers_figures_now_and_over_the_window(viewer):
     assert len(body["series"]["starts"]) == 16
     series = body["series"]["tiers"]["standard"]
     assert sum(series["executed"]) == 3
-    assert series["run_ms"]["p95"][-1] == 40.0
+    # One bucket holds the runs: the last, or the one before when the minute turned in the last 5 s.
+    assert [value for value in series["run_ms"]["p95"] if value is not None] == [40.0]
     assert len(series["admission_refusals"]) == 16
 
 
