@@ -129,7 +129,8 @@ DATABASES = {
         conn_health_checks=True,
     )
 }
-if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql" and env_bool("DATABASE_POOL", True):
+POSTGRESQL = DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql"
+if POSTGRESQL and env_bool("DATABASE_POOL", True):
     # Each web request and each Celery task closes its connection (Celery's Django fixup does so
     # after every task); with a pool, closing hands the connection back instead of ending it.
     DATABASES["default"]["CONN_MAX_AGE"] = 0
@@ -139,7 +140,9 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql" and env_boo
         # A request that finds every connection busy for this long fails rather than hangs.
         "timeout": env_float("DATABASE_POOL_TIMEOUT", 30),
     }
-if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    # Django's backend, but for a pool that checks a connection only after it sat idle (agentplatform/postgresql).
+    DATABASES["default"]["ENGINE"] = "agentplatform.postgresql"
+if POSTGRESQL:
     # Workers run with "off" (see the Procfile): their run-state writes need not wait for the WAL
     # flush. A PostgreSQL crash may then forget their last fraction of a second of claims and
     # finishes, which the sweeper redoes (runs are at-least-once); submissions stay synchronous.
@@ -203,6 +206,9 @@ TOPIC_CLAIM_INTERVAL_SECONDS = env_float("TOPIC_CLAIM_INTERVAL_SECONDS", 15)
 
 # Agents: modules imported by the registry besides the built-ins and every app's agents.py.
 AGENT_MODULES = env_list("AGENT_MODULES")
+# A change to an agent's tuning (tier, SLA, limits, enabled) reaches the submissions of every process
+# within this many seconds; the process where it was made sees it at once. 0 reads it on every submission.
+AGENT_TUNING_CACHE_SECONDS = env_float("AGENT_TUNING_CACHE_SECONDS", 1.0)
 
 # Runs
 RUN_MAX_INPUT_BYTES = env_int("RUN_MAX_INPUT_BYTES", 1024 * 1024)
@@ -287,6 +293,9 @@ REST_FRAMEWORK = {
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "agents.api.errors.exception_handler",
 }
+# A token (its user, active or not, and their critical-tier permission) is read from the database at most
+# this often per process; a change made in the process itself applies at once. 0 reads it on every request.
+API_TOKEN_CACHE_SECONDS = env_float("API_TOKEN_CACHE_SECONDS", 1.0)
 # Runs each user may submit through the API ("N/second|minute|hour|day"), counted in Redis.
 API_SUBMIT_RATE = env_str("API_SUBMIT_RATE", "6000/minute")
 

@@ -5,7 +5,22 @@ from django.db import models
 from django.db.models import F, Q
 from django.utils import timezone
 
+from agents.tuning import agent_tuning_forget
 from scheduling.tiers import Tier
+
+
+class AgentQuerySet(models.QuerySet):
+    """Changes made in bulk reach this process's submissions at once, as saves do (agents/tuning.py)."""
+
+    def update(self, **kwargs) -> int:
+        count = super().update(**kwargs)
+        agent_tuning_forget()
+        return count
+
+    def delete(self):
+        deleted = super().delete()
+        agent_tuning_forget()
+        return deleted
 
 
 class Agent(models.Model):
@@ -39,6 +54,8 @@ class Agent(models.Model):
     )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
+
+    objects = AgentQuerySet.as_manager()
 
     class Meta:
         ordering = ["name"]

@@ -16,6 +16,11 @@ os.environ["REDIS_KEY_PREFIX"] = f"aptest:{RUN_ID}:"
 # Settings refuse to load without a key while DEBUG is off, as in production; each run makes its own.
 os.environ.setdefault("SECRET_KEY", secrets.token_urlsafe(50))
 os.environ.setdefault("AGENT_MODULES", "tests.sample_agents")
+# Every test starts from agents synced anew (a transactional test empties the table, and their ids change),
+# so no process of the run may hold on to rows read in an earlier test; tests of the cache turn it on.
+os.environ.setdefault("AGENT_TUNING_CACHE_SECONDS", "0")
+# Likewise users and tokens: tests change them with queryset updates, which send no signal.
+os.environ.setdefault("API_TOKEN_CACHE_SECONDS", "0")
 os.environ.setdefault("RETRY_BACKOFF_BASE_SECONDS", "0.05")
 os.environ.setdefault("RETRY_BACKOFF_MAX_SECONDS", "0.5")
 # Short leases renewed often: a run longer than its lease must live on its workers' heartbeats.

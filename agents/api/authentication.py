@@ -1,12 +1,18 @@
 """Token authentication whose one query also says whether the user may submit to the critical tier,
-so that checking the permission costs a submission no query of its own."""
+so that checking the permission costs a submission no query of its own, and which keeps what it read
+for a moment, so that a client sending request after request costs no query at all."""
 
+import copy
 import functools
+import threading
+import time
 
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group, Permission
 from django.contrib.contenttypes.models import ContentType
 from django.db import connection
+from django.db.models.signals import m2m_changed, post_delete, post_save
 from django.utils.translation import gettext_lazy as _
 from rest_framework import exceptions
 from rest_framework.authentication import TokenAuthentication
@@ -55,13 +61,61 @@ def _token_sql() -> str:
     )
 
 
+# token key -> (user, token, may submit critical, when it was read, monotonic seconds)
+_known: dict[str, tuple[object, Token, bool, float]] = {}
+_known_lock = threading.Lock()
+KNOWN_TOKENS_MAX = 10_000
+
+
+def known_tokens_forget(**kwargs) -> None:
+    """Forget the tokens this process has read: a change to a token, a user or a permission applies at once."""
+    with _known_lock:
+        _known.clear()
+
+
+post_save.connect(known_tokens_forget, sender=Token, dispatch_uid="known_tokens_forget_token_saved")
+post_delete.connect(known_tokens_forget, sender=Token, dispatch_uid="known_tokens_forget_token_deleted")
+post_save.connect(known_tokens_forget, sender=settings.AUTH_USER_MODEL, dispatch_uid="known_tokens_forget_user_saved")
+post_delete.connect(
+    known_tokens_forget, sender=settings.AUTH_USER_MODEL, dispatch_uid="known_tokens_forget_user_deleted"
+)
+# Permissions granted or taken, to users or to their groups, and group membership.
+m2m_changed.connect(known_tokens_forget, dispatch_uid="known_tokens_forget_m2m")
+
+
 class CriticalAwareTokenAuthentication(TokenAuthentication):
-    """DRF's TokenAuthentication, with the user's critical-tier permission read in the same query."""
+    """DRF's TokenAuthentication, with the user's critical-tier permission read in the same query, and
+    what it read kept for API_TOKEN_CACHE_SECONDS: a change made in this process (admin, shell) applies
+    at once, one made elsewhere within that time."""
 
     def authenticate_credentials(self, key: str):
         if "\x00" in key:
             # PostgreSQL cannot even compare a text holding NUL: no such token exists.
             raise exceptions.AuthenticationFailed(_("Invalid token."))
+        ttl = settings.API_TOKEN_CACHE_SECONDS
+        known = _known.get(key)
+        if known is not None and time.monotonic() - known[3] < ttl:
+            user, token, may_submit_critical, _read_at = known
+            # Each request gets its own instances: views and DRF set attributes on them.
+            return self._authenticated(copy.copy(user), copy.copy(token), may_submit_critical)
+        user, token, may_submit_critical = self._read(key)
+        if ttl > 0:
+            with _known_lock:
+                if len(_known) >= KNOWN_TOKENS_MAX:
+                    _known.clear()
+                _known[key] = (user, token, may_submit_critical, time.monotonic())
+            user, token = copy.copy(user), copy.copy(token)
+        return self._authenticated(user, token, may_submit_critical)
+
+    @staticmethod
+    def _authenticated(user, token: Token, may_submit_critical: bool):
+        token.user = user
+        # Granted to the user or to one of their groups, as Django's ModelBackend reads it.
+        setattr(user, CRITICAL_PERMISSION_ATTRIBUTE, may_submit_critical)
+        return (user, token)
+
+    @staticmethod
+    def _read(key: str) -> tuple[object, Token, bool]:
         app_label, codename = CRITICAL_PERMISSION.split(".", 1)
         with connection.cursor() as cursor:
             cursor.execute(_token_sql(), [codename, app_label, codename, app_label, key])
@@ -72,9 +126,6 @@ class CriticalAwareTokenAuthentication(TokenAuthentication):
         fields = [field.attname for field in user_model._meta.concrete_fields]
         user = user_model.from_db(connection.alias, fields, row[2 : 2 + len(fields)])
         token = Token.from_db(connection.alias, ["key", "user_id", "created"], [row[0], user.pk, row[1]])
-        token.user = user
         if not user.is_active:
             raise exceptions.AuthenticationFailed(_("User inactive or deleted."))
-        # Granted to the user or to one of their groups, as Django's ModelBackend reads it.
-        setattr(user, CRITICAL_PERMISSION_ATTRIBUTE, bool(row[-1]))
-        return (user, token)
+        return user, token, bool(row[-1])

@@ -13,6 +13,7 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -20,6 +21,7 @@ import traceback
 import uuid
 from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -72,10 +74,7 @@ def soft_time_limit(seconds: float) -> Iterator[None]:
 def _claim_sql(count: int) -> str:
     quote = connection.ops.quote_name
     runs, agents = quote(Run._meta.db_table), quote(Agent._meta.db_table)
-    # The payloads of earlier attempts (result, error) are not needed to run the next one.
-    columns = ", ".join(
-        quote(field.column) for field in Run._meta.concrete_fields if field.name not in ("result", "error")
-    )
+    columns = ", ".join(quote(field.column) for field in _claim_fields())
     agent = f"(SELECT {{}} FROM {agents} WHERE {agents}.id = {runs}.agent_id)"
     return f"""
         UPDATE {runs} SET status = %s, worker = %s, started_at = %s, lease_expires_at = %s,
@@ -111,13 +110,44 @@ def runs_claim(*, run_ids: Sequence[str], worker: str) -> list[Run]:
         RunStatus.WAITING,
         at(now),
     ]
-    claimed = {run.pk: run for run in Run.objects.raw(_claim_sql(len(ids)), params)}
-    for run in claimed.values():
-        run.agent = Agent(
-            id=run.agent_id, name=run.agent_name, cache_ttl=run.agent_cache_ttl,
-            concurrency_limit=run.agent_concurrency_limit,
-        )  # fmt: skip
+    with connection.cursor() as cursor:
+        cursor.execute(_claim_sql(len(ids)), params)
+        rows = cursor.fetchall()
+    # Built from the rows as the ORM would (converters included), without a RawQuerySet's per-query work.
+    names, converters = _claim_columns()
+    claimed = {}
+    for row in rows:
+        values = [
+            convert(value) if convert else value for convert, value in zip(converters, row[: len(names)], strict=True)
+        ]
+        run = Run.from_db(connection.alias, names, values)
+        agent_name, cache_ttl, concurrency_limit = row[len(names) :]
+        run.agent = Agent(id=run.agent_id, name=agent_name, cache_ttl=cache_ttl, concurrency_limit=concurrency_limit)
+        claimed[run.pk] = run
     return [claimed[run_id] for run_id in run_ids if run_id in claimed]
+
+
+@functools.cache
+def _claim_columns() -> tuple[list[str], list]:
+    """The attnames of the run columns the claim returns, and for each the converter of its database value."""
+    fields = _claim_fields()
+    converters = []
+    for field in fields:
+        column = field.get_col(Run._meta.db_table)
+        found = connection.ops.get_db_converters(column) + field.get_db_converters(connection)
+        converters.append(functools.partial(_converted, found, column) if found else None)
+    return [field.attname for field in fields], converters
+
+
+def _converted(converters: list, column, value):
+    for convert in converters:
+        value = convert(value, column, connection)
+    return value
+
+
+def _claim_fields() -> list:
+    # The payloads of earlier attempts (result, error) are not needed to run the next one.
+    return [field for field in Run._meta.concrete_fields if field.name not in ("result", "error")]
 
 
 def _received(run_ids: Sequence[str], claimed: Sequence[Run]) -> None:
@@ -126,6 +156,31 @@ def _received(run_ids: Sequence[str], claimed: Sequence[Run]) -> None:
     messages_received(pipe, run_ids)
     backlog_add(pipe, _backlog_change(claimed, -1))
     events.publish_run_events((events.event_of_run(run, "started") for run in claimed), pipe=pipe)
+
+
+_announcer: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def _in_background(call: Callable[[], None]) -> Future:
+    """Run `call` on this process's one background thread, so that the agents need not wait for it.
+
+    Used for the round trip that follows a claim: the first agent of the message starts at once, and
+    the message's outcomes are recorded only once it is done, so that a run's start is announced
+    before its end.
+    """
+    global _announcer
+    if _announcer is None or _announcer[0] != os.getpid():
+        # A forked process inherits no running thread: it starts its own.
+        _announcer = (os.getpid(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="run-announcer"))
+    return _announcer[1].submit(call)
+
+
+def _done(future: Future) -> None:
+    """Wait for background work: what it failed at is logged, never raised into the runs' outcomes."""
+    try:
+        future.result()
+    except Exception:
+        logger.exception("announcing the start of a message's runs failed")
 
 
 def _backlog_change(runs: Sequence[Run], each: int) -> Counter[str]:
@@ -186,11 +241,12 @@ def _execute_claimed(
         taken = {run.pk for run in claimed}
         _not_claimed([run_id for run_id in run_ids if run_id not in taken], worker=worker)
     claimed = _with_slots(claimed, held=held)
-    _received([str(run_id) for run_id in run_ids], claimed)
+    received = _in_background(functools.partial(_received, [str(run_id) for run_id in run_ids], claimed))
     attempts: list[Attempt] = []
     try:
         for index, run in enumerate(claimed):
             if index and time.monotonic() - began > settings.RUN_MESSAGE_SLICE_SECONDS:
+                _done(received)
                 runs_hand_back(claimed[index:], held=held)
                 break
             attempt = _attempt(run, worker)
@@ -198,6 +254,7 @@ def _execute_claimed(
                 spool.add(attempt)
                 attempts.append(attempt)
     finally:
+        _done(received)
         _attempts_write(attempts, held=held)
 
 

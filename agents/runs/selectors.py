@@ -42,13 +42,12 @@ def run_list(
 
 
 def run_wait(*, run: Run, timeout: float) -> Run:
-    """Return the run once it is terminal or `timeout` seconds have passed, woken by its events.
+    """Return the run (as just read) once it is terminal or `timeout` seconds have passed, woken by its events.
 
     While it waits it holds no database connection (a pooled one goes back to the pool), so
     waiters never starve submissions of connections. With Redis unreachable, it reads the row
     every WAIT_POLL_SECONDS instead.
     """
-    run.refresh_from_db()
     if run.is_terminal or timeout <= 0:
         return run
     deadline = time.monotonic() + timeout
@@ -61,7 +60,7 @@ def run_wait(*, run: Run, timeout: float) -> Run:
         return _wait_polling(run, deadline)
     try:
         # The run may have finished between the first read and the subscription.
-        run.refresh_from_db()
+        run = _read_again(run)
         next_read = time.monotonic() + WAIT_RECHECK_SECONDS
         while not run.is_terminal:
             _connection_released()
@@ -76,7 +75,7 @@ def run_wait(*, run: Run, timeout: float) -> Run:
             woken = message is not None and json.loads(message["data"]).get("status") in RunStatus.terminal()
             # The database is the truth: read it when woken, and now and then in case an event was lost.
             if woken or time.monotonic() >= next_read:
-                run.refresh_from_db()
+                run = _read_again(run)
                 next_read = time.monotonic() + WAIT_RECHECK_SECONDS
     finally:
         pubsub.close()
@@ -90,8 +89,13 @@ def _wait_polling(run: Run, deadline: float) -> Run:
         if remaining <= 0:
             break
         time.sleep(min(remaining, WAIT_POLL_SECONDS))
-        run.refresh_from_db()
+        run = _read_again(run)
     return run
+
+
+def _read_again(run: Run) -> Run:
+    """The run's row as it stands now, with its agent in the same query (refresh_from_db would drop the agent)."""
+    return Run.objects.select_related("agent").get(pk=run.pk)
 
 
 def _connection_released() -> None:

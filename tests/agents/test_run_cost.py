@@ -31,6 +31,30 @@ def test_submitting_one_run_through_the_api_costs_three_statements_and_four_redi
     assert len(redis_round_trips) <= 4, redis_round_trips.calls
 
 
+def test_with_the_tokens_and_agents_a_process_keeps_a_submission_costs_one_statement(transactional_db, api, settings):
+    # As deployed: a token and an agent's tuning are read once a second at most (tests read them every time).
+    settings.API_TOKEN_CACHE_SECONDS = settings.AGENT_TUNING_CACHE_SECONDS = 60
+    api.post(RUNS, {"agent": "echo", "input": {}}, format="json")
+
+    with CaptureQueriesContext(connection) as queries:
+        response = api.post(RUNS, {"agent": "echo", "input": {"n": 1}}, format="json")
+
+    assert response.status_code == 201
+    # the insert
+    assert len(queries) == 1, [query["sql"][:60] for query in queries]
+
+
+def test_reading_a_finished_run_with_wait_costs_two_statements(transactional_db, api):
+    run = RunFactory(submitted_by=api.user, status=RunStatus.SUCCEEDED, result={"ok": True})
+
+    with CaptureQueriesContext(connection) as queries:
+        response = api.get(f"{RUNS}{run.pk}/?wait=5")
+
+    assert response.status_code == 200
+    # token, the run with its agent, its children's count by status
+    assert len(queries) <= 3, [query["sql"][:60] for query in queries]
+
+
 def test_a_batch_submission_costs_the_same_round_trips_as_one_run(transactional_db, api, redis_round_trips):
     body = {"runs": [{"agent": "echo", "input": {"n": n}} for n in range(200)]}
     api.post(f"{RUNS}batch/", {"runs": body["runs"][:1]}, format="json")
