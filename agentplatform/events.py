@@ -143,11 +143,16 @@ def publish_run_events(events: Iterable[dict[str, Any]], *, pipe: redis.client.P
         logger.exception("could not publish run events")
 
 
-def queue_run_events(pipe: redis.client.Pipeline, events: Iterable[dict[str, Any]]) -> None:
-    """Queue the publishes of run events on `pipe`, for the caller to send with its own commands."""
+def queue_run_events(pipe: redis.client.Pipeline, events: Iterable[dict[str, Any]], *, new: bool = False) -> None:
+    """Queue the publishes of run events on `pipe`, for the caller to send with its own commands.
+
+    `new`: the runs were created just now, so nobody can be listening on their own channels yet (their ids
+    are not out): those publishes are left out.
+    """
     for event in events:
         payload = json.dumps(event)
-        pipe.publish(run_channel(event["run"]), payload)
+        if not new:
+            pipe.publish(run_channel(event["run"]), payload)
         if event.get("root"):
             # Whoever follows a tree follows its root's channel.
             pipe.publish(run_channel(event["root"]), payload)

@@ -48,7 +48,7 @@ UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 # How NUL and surrogates look once JSON-encoded (ASCII only): what makes a full look at the input worthwhile.
 SUSPECT_ESCAPE = re.compile(r"\\u(?:0000|[dD][89a-fA-F])")
 MAX_PROBLEMS = 10
-# New runs inserted with one plain INSERT statement; more go through the ORM's bulk insert.
+# New runs inserted with a plain INSERT of a row each; more go as a column each.
 PLAIN_INSERT_ROWS_MAX = 10
 
 
@@ -405,22 +405,44 @@ def _insert_sql(rows: int) -> str:
     return f"INSERT INTO {quote(Run._meta.db_table)} ({columns}) VALUES {', '.join([row] * rows)}"
 
 
+@functools.cache
+def _unnest_insert_sql() -> str:
+    quote = connection.ops.quote_name
+    fields = Run._meta.concrete_fields
+    columns = ", ".join(quote(field.column) for field in fields)
+    # Array types without their modifiers (varchar[], not varchar(50)[]), as Django's own bulk insert writes them.
+    arrays = ", ".join(f"(%s)::{field.db_type(connection).split('(')[0]}[]" for field in fields)
+    return f"INSERT INTO {quote(Run._meta.db_table)} ({columns}) SELECT * FROM UNNEST({arrays})"
+
+
 def runs_insert(runs: Sequence[Run]) -> None:
     """Insert new runs, every field as built.
 
     A few runs (a lone submission, a small fan-out) go in one plain INSERT: the ORM's save() cost more
-    than the INSERT itself, most of what a lone submission did. More go through bulk_create, which on
-    PostgreSQL sends a column of values per field (UNNEST) instead of a placeholder per value.
+    than the INSERT itself, most of what a lone submission did. More go, on PostgreSQL, as one array of
+    values per field (UNNEST), as Django's bulk_create sends them but without its work per value.
     """
-    if len(runs) > PLAIN_INSERT_ROWS_MAX:
-        Run.objects.bulk_create(runs)
-        return
     if not runs:
         return
     fields = Run._meta.concrete_fields
-    params = [field.get_db_prep_save(getattr(run, field.attname), connection) for run in runs for field in fields]
-    with connection.cursor() as cursor:
-        cursor.execute(_insert_sql(len(runs)), params)
+    if len(runs) <= PLAIN_INSERT_ROWS_MAX:
+        params = [field.get_db_prep_save(getattr(run, field.attname), connection) for run in runs for field in fields]
+        with connection.cursor() as cursor:
+            cursor.execute(_insert_sql(len(runs)), params)
+    elif connection.vendor == "postgresql":
+        # A column of values per field, each prepared as the ORM would only where PostgreSQL needs it
+        # (JSON); bulk_create prepares every value of every row one by one.
+        columns = []
+        for field in fields:
+            values = [getattr(run, field.attname) for run in runs]
+            if field.get_internal_type() == "JSONField":
+                values = [field.get_db_prep_save(value, connection) for value in values]
+            columns.append(values)
+        with connection.cursor() as cursor:
+            cursor.execute(_unnest_insert_sql(), columns)
+    else:
+        Run.objects.bulk_create(runs)
+        return
     for run in runs:
         run._state.adding, run._state.db = False, connection.alias
 
@@ -510,7 +532,9 @@ def _after_submit(runs: list[Run], executing: list[Run], *, shareable: set) -> N
     """After commit: the runs' events and message markers in one round trip, then their messages."""
     pipe = redis_client().pipeline(transaction=False)
     events.queue_run_events(
-        pipe, (events.event_of_run(run, "queued" if run.status == RunStatus.QUEUED else "succeeded") for run in runs)
+        pipe,
+        (events.event_of_run(run, "queued" if run.status == RunStatus.QUEUED else "succeeded") for run in runs),
+        new=True,
     )
     # Followers from before the insert: their leader may have ended before they were committed.
     followers = [run for run in runs if run.follows_id is not None]
