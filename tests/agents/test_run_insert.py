@@ -18,7 +18,8 @@ def built(count: int, parent: Run) -> list[Run]:
     return [
         Run(
             agent=echo, agent_version="7", tier="batch", input={"n": n, "text": "é\u2603", "nested": [1, {"a": None}]},
-            submitted_by=parent.submitted_by, parent=parent, root=parent.pk, idempotency_key=f"key-{n}" if n % 2 else None,
+            submitted_by=parent.submitted_by, parent=parent, root=parent.pk,
+            idempotency_key=f"key-{n}" if n % 2 else None,
             sla_seconds=1.5, soft_time_limit=2.0, time_limit=3.0, max_retries=n % 4, submitted_at=now,
             deadline=now + timedelta(seconds=n + 1), expires_at=None if n % 3 else now + timedelta(hours=1),
             parent_round=2, sibling_index=n, resume={"then": "x", "state": [n]}, attempt_errors=[], log="",
