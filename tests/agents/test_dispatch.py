@@ -1,16 +1,23 @@
 """Run messages: published after commit, carrying the run id only, on the tier's queue, sent again only
 when they are gone."""
 
-from datetime import timedelta
+import json
+import uuid
+from base64 import b64decode
+from collections.abc import Iterator
+from datetime import datetime, timedelta
 
 import pytest
 import redis
 from celery.signals import before_task_publish
+from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
 
+from agentplatform.celery import app
+from agentplatform.redis_client import redis_client
 from agents.models import Run, RunStatus
-from agents.runs.dispatch import dispatched_key, run_dispatch
+from agents.runs.dispatch import EXECUTE_RUN_TASK, dispatched_key, message_publish, run_dispatch
 from agents.runs.execute import runs_execute
 from agents.runs.recovery import sweep
 from agents.runs.submit import RunRequest, run_submit, run_submit_many
@@ -107,3 +114,73 @@ def test_a_run_claimed_while_the_sweeper_reads_its_marker_is_not_sent_again(
     assert Run.objects.get(pk=run.pk).status == RunStatus.SUCCEEDED
     assert report.redispatched == 0
     assert published == []
+
+
+# No worker consumes this queue: what is published there stays to be read.
+UNCONSUMED = "dispatch-test"
+
+
+def broker_messages(queue: str) -> list[dict]:
+    client = redis.Redis.from_url(settings.CELERY_BROKER_URL)
+    try:
+        return [json.loads(raw) for raw in client.lrange(settings.REDIS_KEY_PREFIX + queue, 0, -1)]
+    finally:
+        client.close()
+
+
+def comparable(message: dict) -> dict:
+    """A broker message without what differs from one publish to the next (ids, tags, the publisher's name)."""
+    headers = {k: v for k, v in message["headers"].items() if k not in ("id", "root_id", "origin", "argsrepr", "eta")}
+    properties = {k: v for k, v in message["properties"].items() if k not in ("correlation_id", "delivery_tag")}
+    return {**message, "headers": headers, "properties": properties, "body": json.loads(b64decode(message["body"]))}
+
+
+@pytest.fixture
+def unconsumed_queue() -> Iterator[str]:
+    client = redis.Redis.from_url(settings.CELERY_BROKER_URL)
+    client.delete(settings.REDIS_KEY_PREFIX + UNCONSUMED)
+    yield UNCONSUMED
+    client.delete(settings.REDIS_KEY_PREFIX + UNCONSUMED)
+    client.close()
+
+
+def test_a_message_sent_with_its_markers_is_the_message_celery_would_send(unconsumed_queue):
+    run_ids = [str(uuid.uuid4()), str(uuid.uuid4())]
+    app.send_task(EXECUTE_RUN_TASK, args=run_ids, queue=unconsumed_queue, time_limit=12.5, countdown=30)
+    pipe = redis_client().pipeline(transaction=False)
+    message_publish(pipe, queue=unconsumed_queue, run_ids=run_ids, time_limit=12.5, countdown=30)
+    pipe.execute()
+
+    # Pushed on the list's head: the newest first.
+    ours, celerys = broker_messages(unconsumed_queue)
+
+    assert comparable(ours) == comparable(celerys)
+    assert ours["properties"]["correlation_id"] == ours["headers"]["id"] == ours["headers"]["root_id"]
+    assert datetime.fromisoformat(ours["headers"]["eta"]) - datetime.fromisoformat(celerys["headers"]["eta"]) < (
+        timedelta(seconds=5)
+    )
+
+
+def test_a_run_is_dispatched_in_the_round_trip_of_its_markers(transactional_db, published, redis_round_trips):
+    run = RunFactory(tier="batch")
+    redis_round_trips.calls.clear()
+
+    run_dispatch([run])
+
+    assert len(redis_round_trips) == 1, redis_round_trips.calls
+    assert [message["args"] for message in published] == [[str(run.pk)]]
+
+
+def test_with_a_broker_of_its_own_the_message_goes_through_celery(
+    transactional_db, settings, published, redis_round_trips
+):
+    # The same server under another URL: Celery's producer publishes, the markers go to REDIS_URL.
+    settings.REDIS_URL = settings.CELERY_BROKER_URL.replace("127.0.0.1", "localhost")
+    run = RunFactory(tier="batch")
+    redis_round_trips.calls.clear()
+
+    run_dispatch([run])
+
+    assert [message["args"] for message in published] == [[str(run.pk)]]
+    # the markers, then Celery's own publish
+    assert len(redis_round_trips) >= 2, redis_round_trips.calls
