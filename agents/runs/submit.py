@@ -473,7 +473,7 @@ def _admit(runs: list[Run], *, check: bool = True) -> Counter[str]:
     if counts is None or not check:
         return reserved if counts is not None else Counter()
     try:
-        _admission_check(runs, counts, drain=lambda queryset: 0.0)
+        _admission_check(runs, counts, drain=lambda runs: 0.0)
     except AdmissionRefused as refused:
         backlog_release(reserved)
         runs_refused_record(runs, reason=refused.reason)
@@ -484,7 +484,11 @@ def _admit(runs: list[Run], *, check: bool = True) -> Counter[str]:
     return reserved
 
 
-def _admission_check(runs: list[Run], counts: dict[str, int], *, drain: Callable[[QuerySet[Run]], float]) -> None:
+def _admission_check(
+    runs: list[Run], counts: dict[str, int], *, drain: Callable[[Callable[[], QuerySet[Run]]], float]
+) -> None:
+    """Refuse the runs (AdmissionRefused) if a backlog they join is full; `drain` tells how fast the runs of a
+    query (built only if it is asked for) finish, for a refusal's Retry-After."""
     yield_fraction = settings.ADMISSION_BATCH_YIELD_FRACTION
     for tier in {Tier(run.tier) for run in runs}:
         in_tier = [run for run in runs if run.tier == tier]
@@ -492,7 +496,7 @@ def _admission_check(runs: list[Run], counts: dict[str, int], *, drain: Callable
             other: Backlog(
                 queued=counts[tier_field(other)],
                 limit=settings.TIER_BACKLOG_LIMITS[other.value],
-                drain_per_second=drain(Run.objects.filter(tier=other)),
+                drain_per_second=drain(lambda other=other: Run.objects.filter(tier=other)),
             )
             for other in (tier, *HIGHER_TIERS[tier])
         }
@@ -502,7 +506,7 @@ def _admission_check(runs: list[Run], counts: dict[str, int], *, drain: Callable
             own = Backlog(
                 queued=counts[agent_field(agent.name)],
                 limit=agent.backlog_limit,
-                drain_per_second=drain(Run.objects.filter(agent=agent)),
+                drain_per_second=drain(lambda agent=agent: Run.objects.filter(agent=agent)),
             )
             admission_check(
                 tier=tier, incoming=incoming, backlogs={**backlogs, tier: own},
@@ -517,14 +521,16 @@ def _admission_check(runs: list[Run], counts: dict[str, int], *, drain: Callable
             mine = Backlog(
                 queued=counts[user_field(user, tier)],
                 limit=share_limit(tier_limit=settings.TIER_BACKLOG_LIMITS[tier.value], share=share),
-                drain_per_second=drain(Run.objects.filter(tier=tier, submitted_by_id=user)),
+                drain_per_second=drain(
+                    lambda tier=tier, user=user: Run.objects.filter(tier=tier, submitted_by_id=user)
+                ),
             )
             share_check(tier=tier, incoming=incoming, backlog=mine, share=share)
 
 
-def _drain_per_second(runs: QuerySet[Run]) -> float:
+def _drain_per_second(runs: Callable[[], QuerySet[Run]]) -> float:
     window = settings.ADMISSION_DRAIN_WINDOW_SECONDS
-    finished = runs.filter(finished_at__gte=timezone.now() - timedelta(seconds=window)).count()
+    finished = runs().filter(finished_at__gte=timezone.now() - timedelta(seconds=window)).count()
     return finished / window
 
 
