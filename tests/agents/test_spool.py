@@ -4,6 +4,7 @@ import pytest
 from django.utils import timezone
 
 from agents.models import Run, RunStatus
+from agents.runs.delegation import Child, Delegation
 from agents.runs.execute import message_lost, runs_claim, spooled_record_all
 from agents.runs.finish import Attempt
 from agents.runs.spool import OutcomeSpool
@@ -65,3 +66,20 @@ def test_a_spool_for_a_claim_already_taken_back_records_nothing():
 
     first.refresh_from_db()
     assert first.status == RunStatus.QUEUED
+
+
+def test_a_dead_processs_delegation_is_recorded_as_the_run_waiting_for_its_children():
+    (parent,) = runs_claim(run_ids=[RunFactory().pk], worker="w5")
+    spool = OutcomeSpool(worker="w5", pid=DEAD_PID)
+    spool.begin(claimed_at=parent.started_at)
+    now = timezone.now()
+    children = (Child("echo", {"n": 1}), Child("echo", {"n": 2}, tier="batch", cache="bypass"))
+    delegation = Delegation(kind="children", then="agent:echo", state={"k": [1]}, children=children)
+    spool.add(Attempt(run=parent, started_at=now, finished_at=now, run_ms=1, delegation=delegation))
+
+    message_lost(run_ids=[str(parent.pk)], worker="w5", pid=DEAD_PID)
+
+    parent.refresh_from_db()
+    assert (parent.status, parent.pending_children, parent.resume["state"]) == (RunStatus.WAITING, 2, {"k": [1]})
+    kids = Run.objects.filter(parent=parent).order_by("sibling_index")
+    assert [(kid.input, kid.tier) for kid in kids] == [({"n": 1}, parent.tier), ({"n": 2}, "batch")]
