@@ -1,6 +1,7 @@
 """The Celery app: one queue per tier and one for housekeeping, routes, and worker defaults."""
 
 import contextlib
+import gc
 import os
 from collections.abc import Callable
 from typing import Any
@@ -96,6 +97,13 @@ def _database_pools_not_inherited(**kwargs: Any) -> None:
                 os.close(connection.connection.fileno())
             # Forgotten, not closed: closing would hand it back to the parent's pool over the shared socket.
             connection.connection = None
+
+
+@worker_process_init.connect
+def _startup_objects_frozen(**kwargs: Any) -> None:
+    """What a pool process inherits lives as long as it does: frozen, the garbage collector stops walking it
+    on every full collection (a pause in the middle of a message), and forked pages stay shared."""
+    gc.freeze()
 
 
 @task_prerun.connect

@@ -6,12 +6,14 @@ import json
 import logging
 import math
 import re
+import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+import psycopg
 from django.conf import settings
 from django.db import IntegrityError, connection, transaction
 from django.db.models import QuerySet
@@ -48,7 +50,7 @@ UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 # How NUL and surrogates look once JSON-encoded (ASCII only): what makes a full look at the input worthwhile.
 SUSPECT_ESCAPE = re.compile(r"\\u(?:0000|[dD][89a-fA-F])")
 MAX_PROBLEMS = 10
-# New runs inserted with a plain INSERT of a row each; more go as a column each.
+# New runs inserted with a plain INSERT of a row each; more go as one JSON document of rows.
 PLAIN_INSERT_ROWS_MAX = 10
 
 
@@ -406,21 +408,42 @@ def _insert_sql(rows: int) -> str:
 
 
 @functools.cache
-def _unnest_insert_sql() -> str:
+def _recordset_insert_sql() -> str:
     quote = connection.ops.quote_name
     fields = Run._meta.concrete_fields
     columns = ", ".join(quote(field.column) for field in fields)
-    # Array types without their modifiers (varchar[], not varchar(50)[]), as Django's own bulk insert writes them.
-    arrays = ", ".join(f"(%s)::{field.db_type(connection).split('(')[0]}[]" for field in fields)
-    return f"INSERT INTO {quote(Run._meta.db_table)} ({columns}) SELECT * FROM UNNEST({arrays})"
+    # Each row's keys are the fields' positions (c0, c1, …): a thousand rows repeat them a thousand times.
+    typed = ", ".join(f"c{index} {field.db_type(connection)}" for index, field in enumerate(fields))
+    keys = ", ".join(f"c{index}" for index in range(len(fields)))
+    return (
+        f"INSERT INTO {quote(Run._meta.db_table)} ({columns}) "
+        f"SELECT {keys} FROM jsonb_to_recordset(%s::jsonb) AS r({typed})"
+    )
+
+
+def _recordset(runs: Sequence[Run]) -> str:
+    """The runs as one JSON array of rows for jsonb_to_recordset; a NULL column is left out of its row."""
+    fields = [(f"c{index}", field.attname) for index, field in enumerate(Run._meta.concrete_fields)]
+    rows = [{key: value for key, attname in fields if (value := getattr(run, attname)) is not None} for run in runs]
+    return json.dumps(rows, default=_json_scalar, separators=(",", ":"))
+
+
+def _json_scalar(value: Any) -> str:
+    # What a run's columns hold besides JSON's own types; PostgreSQL reads both back from text.
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not a column value of a run")
 
 
 def runs_insert(runs: Sequence[Run]) -> None:
     """Insert new runs, every field as built.
 
     A few runs (a lone submission, a small fan-out) go in one plain INSERT: the ORM's save() cost more
-    than the INSERT itself, most of what a lone submission did. More go, on PostgreSQL, as one array of
-    values per field (UNNEST), as Django's bulk_create sends them but without its work per value.
+    than the INSERT itself, most of what a lone submission did. More go, on PostgreSQL, as one JSON
+    document of rows that the server unpacks (jsonb_to_recordset): encoded in one call, where Django's
+    bulk_create prepares each value of each row, and the driver then encodes an array per column.
     """
     if not runs:
         return
@@ -430,16 +453,10 @@ def runs_insert(runs: Sequence[Run]) -> None:
         with connection.cursor() as cursor:
             cursor.execute(_insert_sql(len(runs)), params)
     elif connection.vendor == "postgresql":
-        # A column of values per field, each prepared as the ORM would only where PostgreSQL needs it
-        # (JSON); bulk_create prepares every value of every row one by one.
-        columns = []
-        for field in fields:
-            values = [getattr(run, field.attname) for run in runs]
-            if field.get_internal_type() == "JSONField":
-                values = [field.get_db_prep_save(value, connection) for value in values]
-            columns.append(values)
-        with connection.cursor() as cursor:
-            cursor.execute(_unnest_insert_sql(), columns)
+        connection.ensure_connection()
+        # Bound on the server: a client-side cursor would quote the whole document into the statement.
+        with psycopg.Cursor(connection.connection) as cursor:
+            cursor.execute(_recordset_insert_sql(), [_recordset(runs)])
     else:
         Run.objects.bulk_create(runs)
         return
