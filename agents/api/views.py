@@ -185,7 +185,10 @@ class RunDetailView(APIView):
         seconds have passed."""
         query = RunWaitQuerySerializer(data=request.query_params)
         query.is_valid(raise_exception=True)
-        run = run_wait(run=visible_run(request, run_id), timeout=query.validated_data["wait"])
+        try:
+            run = run_wait(run_id=run_id, user=request.user, timeout=query.validated_data["wait"])
+        except Run.DoesNotExist as exc:
+            raise NotFound("No Run matches the given query.") from exc
         return Response(RunDetailSerializer(run).data)
 
 

@@ -44,6 +44,7 @@ from agents.runs.delegation import ChildFailed, Delegation, resumed, run_delegat
 from agents.runs.dispatch import messages_received, messages_restored, run_dispatch
 from agents.runs.finish import Attempt, attempt_lost, attempts_record, runs_expire, slots_free, worker_lost
 from agents.runs.lease import board, lease_until
+from agents.runs.rows import RowReader
 from agents.runs.spool import UNSAFE, OutcomeSpool, attempt_from
 from scheduling.backlog import backlog_add, backlog_fields
 from scheduling.concurrency import slot_acquire, slot_wait
@@ -74,7 +75,7 @@ def soft_time_limit(seconds: float) -> Iterator[None]:
 def _claim_sql(count: int) -> str:
     quote = connection.ops.quote_name
     runs, agents = quote(Run._meta.db_table), quote(Agent._meta.db_table)
-    columns = ", ".join(quote(field.column) for field in _claim_fields())
+    columns = _claimed_runs().columns(runs)
     agent = f"(SELECT {{}} FROM {agents} WHERE {agents}.id = {runs}.agent_id)"
     return f"""
         UPDATE {runs} SET status = %s, worker = %s, started_at = %s, lease_expires_at = %s,
@@ -114,40 +115,20 @@ def runs_claim(*, run_ids: Sequence[str], worker: str) -> list[Run]:
         cursor.execute(_claim_sql(len(ids)), params)
         rows = cursor.fetchall()
     # Built from the rows as the ORM would (converters included), without a RawQuerySet's per-query work.
-    names, converters = _claim_columns()
+    reader = _claimed_runs()
     claimed = {}
     for row in rows:
-        values = [
-            convert(value) if convert else value for convert, value in zip(converters, row[: len(names)], strict=True)
-        ]
-        run = Run.from_db(connection.alias, names, values)
-        agent_name, cache_ttl, concurrency_limit = row[len(names) :]
+        run = reader.read(row)
+        agent_name, cache_ttl, concurrency_limit = row[len(reader) :]
         run.agent = Agent(id=run.agent_id, name=agent_name, cache_ttl=cache_ttl, concurrency_limit=concurrency_limit)
         claimed[run.pk] = run
     return [claimed[run_id] for run_id in run_ids if run_id in claimed]
 
 
 @functools.cache
-def _claim_columns() -> tuple[list[str], list]:
-    """The attnames of the run columns the claim returns, and for each the converter of its database value."""
-    fields = _claim_fields()
-    converters = []
-    for field in fields:
-        column = field.get_col(Run._meta.db_table)
-        found = connection.ops.get_db_converters(column) + field.get_db_converters(connection)
-        converters.append(functools.partial(_converted, found, column) if found else None)
-    return [field.attname for field in fields], converters
-
-
-def _converted(converters: list, column, value):
-    for convert in converters:
-        value = convert(value, column, connection)
-    return value
-
-
-def _claim_fields() -> list:
+def _claimed_runs() -> RowReader:
     # The payloads of earlier attempts (result, error) are not needed to run the next one.
-    return [field for field in Run._meta.concrete_fields if field.name not in ("result", "error")]
+    return RowReader(Run, [field for field in Run._meta.concrete_fields if field.name not in ("result", "error")])
 
 
 def _received(run_ids: Sequence[str], claimed: Sequence[Run]) -> None:

@@ -1,5 +1,6 @@
 """Finding, listing and waiting on runs."""
 
+import functools
 import json
 import logging
 import time
@@ -8,11 +9,12 @@ from typing import Any
 
 import redis
 from django.db import connection
-from django.db.models import Count, QuerySet
+from django.db.models import QuerySet
 
 from agentplatform import events
 from agentplatform.redis_client import redis_client
-from agents.models import Run, RunStatus
+from agents.models import Agent, Run, RunStatus
+from agents.runs.rows import RowReader
 
 logger = logging.getLogger(__name__)
 
@@ -41,26 +43,58 @@ def run_list(
     return runs.order_by("-submitted_at")
 
 
-def run_wait(*, run: Run, timeout: float) -> Run:
-    """Return the run (as just read) once it is terminal or `timeout` seconds have passed, woken by its events.
+def run_visible(*, run_id, user) -> Run:
+    """The run, with its agent, if `user` may see it (Run.DoesNotExist otherwise), in one statement written
+    once per process: the API reads one run far more often than anything else."""
+    with connection.cursor() as cursor:
+        cursor.execute(_visible_sql(), [run_id, bool(user.is_staff), user.pk])
+        row = cursor.fetchone()
+    if row is None:
+        raise Run.DoesNotExist(f"no run {run_id} that this user may see")
+    runs, agents = _run_rows()
+    run = runs.read(row)
+    run.agent = agents.read(row, start=len(runs))
+    return run
+
+
+@functools.cache
+def _run_rows() -> tuple[RowReader, RowReader]:
+    return RowReader(Run, Run._meta.concrete_fields), RowReader(Agent, Agent._meta.concrete_fields)
+
+
+@functools.cache
+def _visible_sql() -> str:
+    quote = connection.ops.quote_name
+    runs, agents = _run_rows()
+    return (
+        f"SELECT {runs.columns('r')}, {agents.columns('a')} FROM {quote(Run._meta.db_table)} r "
+        f"JOIN {quote(Agent._meta.db_table)} a ON a.{quote('id')} = r.{quote('agent_id')} "
+        f"WHERE r.{quote('id')} = %s AND (%s OR r.{quote('submitted_by_id')} = %s)"
+    )
+
+
+def run_wait(*, run_id, user, timeout: float) -> Run:
+    """The run (Run.DoesNotExist if `user` may not see it) once it is terminal or `timeout` seconds have
+    passed, woken by its events.
 
     While it waits it holds no database connection (a pooled one goes back to the pool), so
     waiters never starve submissions of connections. With Redis unreachable, it reads the row
     every WAIT_POLL_SECONDS instead.
     """
-    if run.is_terminal or timeout <= 0:
-        return run
+    if timeout <= 0:
+        return run_visible(run_id=run_id, user=user)
     deadline = time.monotonic() + timeout
     pubsub = redis_client().pubsub(ignore_subscribe_messages=True)
     try:
-        pubsub.subscribe(events.run_channel(run.pk))
+        pubsub.subscribe(events.run_channel(run_id))
     except redis.RedisError as exc:
-        logger.warning("waiting on run %s by reading the database: Redis is unreachable (%s)", run.pk, exc)
         pubsub.close()
-        return _wait_polling(run, deadline)
+        run = run_visible(run_id=run_id, user=user)
+        logger.warning("waiting on run %s by reading the database: Redis is unreachable (%s)", run_id, exc)
+        return _wait_polling(run, deadline, user=user)
     try:
-        # The run may have finished between the first read and the subscription.
-        run = _read_again(run)
+        # Subscribed first: a run that ends after this read is heard of.
+        run = run_visible(run_id=run_id, user=user)
         next_read = time.monotonic() + WAIT_RECHECK_SECONDS
         while not run.is_terminal:
             _connection_released()
@@ -71,31 +105,26 @@ def run_wait(*, run: Run, timeout: float) -> Run:
                 message = pubsub.get_message(timeout=min(remaining, 1.0))
             except redis.RedisError as exc:
                 logger.warning("waiting on run %s by reading the database: Redis went away (%s)", run.pk, exc)
-                return _wait_polling(run, deadline)
+                return _wait_polling(run, deadline, user=user)
             woken = message is not None and json.loads(message["data"]).get("status") in RunStatus.terminal()
             # The database is the truth: read it when woken, and now and then in case an event was lost.
             if woken or time.monotonic() >= next_read:
-                run = _read_again(run)
+                run = run_visible(run_id=run.pk, user=user)
                 next_read = time.monotonic() + WAIT_RECHECK_SECONDS
     finally:
         pubsub.close()
     return run
 
 
-def _wait_polling(run: Run, deadline: float) -> Run:
+def _wait_polling(run: Run, deadline: float, *, user) -> Run:
     while not run.is_terminal:
         _connection_released()
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             break
         time.sleep(min(remaining, WAIT_POLL_SECONDS))
-        run = _read_again(run)
+        run = run_visible(run_id=run.pk, user=user)
     return run
-
-
-def _read_again(run: Run) -> Run:
-    """The run's row as it stands now, with its agent in the same query (refresh_from_db would drop the agent)."""
-    return Run.objects.select_related("agent").get(pk=run.pk)
 
 
 def _connection_released() -> None:
@@ -107,8 +136,18 @@ def _connection_released() -> None:
 
 def run_children_by_status(run: Run) -> dict[str, int]:
     """How many of the run's children stand at each status."""
-    rows = Run.objects.filter(parent=run).values_list("status").annotate(count=Count("pk")).order_by()
-    return dict(rows)
+    with connection.cursor() as cursor:
+        cursor.execute(_children_by_status_sql(), [run.pk])
+        return dict(cursor.fetchall())
+
+
+@functools.cache
+def _children_by_status_sql() -> str:
+    quote = connection.ops.quote_name
+    return (
+        f"SELECT {quote('status')}, COUNT(*) FROM {quote(Run._meta.db_table)} "
+        f"WHERE {quote('parent_id')} = %s GROUP BY {quote('status')}"
+    )
 
 
 @dataclass(frozen=True)
