@@ -17,7 +17,7 @@ def child_exit(server, worker) -> None:
 
 def post_worker_init(worker) -> None:
     # What the loaded app holds lives as long as the process. Frozen, the garbage collector stops walking
-    # it on every full collection, which stalled a large batch request for tens of milliseconds.
+    # it on every full collection, a pause that grows with everything the process holds.
     from django.urls import get_resolver
 
     get_resolver().url_patterns  # noqa: B018 (imports the views and all they use, to be frozen too)
