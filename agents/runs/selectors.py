@@ -47,7 +47,7 @@ def run_visible(*, run_id, user) -> Run:
     """The run, with its agent, if `user` may see it (Run.DoesNotExist otherwise), in one statement written
     once per process: the API reads one run far more often than anything else."""
     with connection.cursor() as cursor:
-        cursor.execute(_visible_sql(), [run_id, bool(user.is_staff), user.pk])
+        cursor.execute(_visible_sql(), [_run_pk(run_id), bool(user.is_staff), user.pk])
         row = cursor.fetchone()
     if row is None:
         raise Run.DoesNotExist(f"no run {run_id} that this user may see")
@@ -55,6 +55,11 @@ def run_visible(*, run_id, user) -> Run:
     run = runs.read(row)
     run.agent = agents.read(row, start=len(runs))
     return run
+
+
+def _run_pk(run_id) -> Any:
+    """A run id as the database takes it in plain SQL (SQLite has no UUID type)."""
+    return Run._meta.pk.get_db_prep_value(run_id, connection)
 
 
 @functools.cache
@@ -137,7 +142,7 @@ def _connection_released() -> None:
 def run_children_by_status(run: Run) -> dict[str, int]:
     """How many of the run's children stand at each status."""
     with connection.cursor() as cursor:
-        cursor.execute(_children_by_status_sql(), [run.pk])
+        cursor.execute(_children_by_status_sql(), [_run_pk(run.pk)])
         return dict(cursor.fetchall())
 
 
