@@ -7,7 +7,7 @@ import pytest
 from django.utils import timezone
 
 from agents.models import Agent, Run, RunStatus
-from agents.runs.submit import PLAIN_INSERT_ROWS_MAX, runs_insert
+from agents.runs.submit import PLAIN_INSERT_ROWS_MAX, RunRequest, run_submit_many, runs_insert
 from tests.factories import RunFactory
 
 
@@ -49,3 +49,14 @@ def test_inserted_runs_are_saved_instances(db):
 
     assert all(not run._state.adding for run in runs)
     assert isinstance(runs[0].pk, uuid.UUID)
+
+
+@pytest.mark.parametrize("count", [1, 20])
+def test_submitted_runs_read_back_as_they_were_built(db, user, count):
+    requests = [RunRequest(agent="echo", input={"n": n}, idempotency_key=f"k{n}", expires_in=60) for n in range(count)]
+
+    built_runs = [run for run, _ in run_submit_many(user=user, requests=requests)]
+
+    by_id = {run.pk: run for run in Run.objects.filter(pk__in=[run.pk for run in built_runs])}
+    assert [stored(by_id[run.pk]) for run in built_runs] == [stored(run) for run in built_runs]
+    assert (built_runs[0].agent.name, built_runs[0].submitted_by) == ("echo", user)
