@@ -20,9 +20,9 @@ import time
 import uuid
 from base64 import b64decode, b64encode
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import redis
 from celery import signals
@@ -95,9 +95,13 @@ def run_dispatch(
     ]
     try:
         if _broker_is_platform_redis():
-            for queue, run_ids, time_limit in messages:
+            published = [
                 message_publish(pipe, queue=queue, run_ids=run_ids, time_limit=time_limit, countdown=countdown)
+                for queue, run_ids, time_limit in messages
+            ]
             pipe.execute()
+            for announce in published:
+                announce()
             return
         pipe.execute()
         with app.producer_or_acquire() as producer, producer.batch():
@@ -117,13 +121,15 @@ def _broker_is_platform_redis() -> bool:
 
 def message_publish(
     pipe: redis.client.Pipeline, *, queue: str, run_ids: list[str], time_limit: float, countdown: float | None
-) -> None:
-    """Queue on `pipe` the message of `run_ids`, exactly as Celery's producer would put it on the Redis broker.
+) -> Callable[[], None]:
+    """Queue on `pipe` the message of `run_ids`, exactly as Celery's producer would put it on the Redis broker;
+    returns what to call once `pipe` has been sent.
 
     Celery builds the message (headers, body); it is enveloped as kombu's Redis transport envelopes it and
     pushed with the commands already on `pipe`, instead of through a producer of its own, which cost a
     lone submission a round trip and more Python than the rest of its dispatch. Celery's publish signals
-    are sent as Celery sends them, for whatever instruments them.
+    are sent as Celery sends them, for whatever instruments them: `before_task_publish` now, and
+    `after_task_publish` by the returned call.
     """
     task_id = str(uuid.uuid4())
     headers, properties, body, _ = app.amqp.as_task_v2(
@@ -151,8 +157,9 @@ def message_publish(
     }
     # Runs are published without a priority: each tier's queue is one list, named as kombu names it.
     pipe.lpush(settings.REDIS_KEY_PREFIX + queue, kombu_json.dumps(envelope))
-    signals.after_task_publish.send(
-        sender=EXECUTE_RUN_TASK, body=body, headers=headers, exchange="", routing_key=queue
+    return partial(
+        signals.after_task_publish.send,
+        sender=EXECUTE_RUN_TASK, body=body, headers=headers, exchange="", routing_key=queue,
     )  # fmt: skip
 
 

@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 
 import pytest
 import redis
-from celery.signals import before_task_publish
+from celery.signals import after_task_publish, before_task_publish
 from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
@@ -148,8 +148,9 @@ def test_a_message_sent_with_its_markers_is_the_message_celery_would_send(uncons
     run_ids = [str(uuid.uuid4()), str(uuid.uuid4())]
     app.send_task(EXECUTE_RUN_TASK, args=run_ids, queue=unconsumed_queue, time_limit=12.5, countdown=30)
     pipe = redis_client().pipeline(transaction=False)
-    message_publish(pipe, queue=unconsumed_queue, run_ids=run_ids, time_limit=12.5, countdown=30)
+    sent = message_publish(pipe, queue=unconsumed_queue, run_ids=run_ids, time_limit=12.5, countdown=30)
     pipe.execute()
+    sent()
 
     # Pushed on the list's head: the newest first.
     ours, celerys = broker_messages(unconsumed_queue)
@@ -184,3 +185,19 @@ def test_with_a_broker_of_its_own_the_message_goes_through_celery(
     assert [message["args"] for message in published] == [[str(run.pk)]]
     # the markers, then Celery's own publish
     assert len(redis_round_trips) >= 2, redis_round_trips.calls
+
+
+def test_celerys_after_publish_signal_comes_once_the_message_and_its_marker_are_in_redis(transactional_db):
+    run = RunFactory(tier="batch")
+    seen = []
+
+    def record(sender, body, **kwargs):
+        seen.append((body[0], redis_client().zscore(dispatched_key(), str(run.pk)) is not None))
+
+    after_task_publish.connect(record, weak=False)
+    try:
+        run_dispatch([run])
+    finally:
+        after_task_publish.disconnect(record)
+
+    assert seen == [([str(run.pk)], True)]
