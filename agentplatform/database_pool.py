@@ -14,7 +14,7 @@ POOL_CHECK_BYPASS_SECONDS = 0.5
 
 
 def pooled_connection_returned(connection) -> None:
-    """The pool's `reset` callback: note when the connection came back."""
+    """Note that the connection is being handed back to the pool, healthy as far as its user knows."""
     connection._agentplatform_returned_at = time.monotonic()
 
 

@@ -31,9 +31,15 @@ class DatabaseWrapper(PostgreSQLDatabaseWrapper):
                 open=False,
                 configure=self._configure_connection,
                 check=pooled_connection_check,
-                reset=pooled_connection_returned,
                 **({} if pool_options is True else pool_options),
             )
             # The first of several threads creating it at once wins, as in Django.
             self._connection_pools.setdefault(self.alias, pool)
         return self._connection_pools[self.alias]
+
+    def _close(self):
+        # Noted here, not by a `reset` callback of the pool: the pool runs those on a thread of its own, so
+        # a connection would come back later than Django hands it back.
+        if self.connection is not None and self.pool:
+            pooled_connection_returned(self.connection)
+        super()._close()

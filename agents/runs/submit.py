@@ -490,7 +490,8 @@ def runs_insert(runs: Sequence[Run]) -> None:
     elif connection.vendor == "postgresql":
         connection.ensure_connection()
         # Bound on the server: a client-side cursor would quote the whole document into the statement.
-        with psycopg.Cursor(connection.connection) as cursor:
+        # Errors come out as Django's own (an IntegrityError is how a raced idempotency key is found).
+        with connection.wrap_database_errors, psycopg.Cursor(connection.connection) as cursor:
             cursor.execute(_recordset_insert_sql(), [_recordset(runs)])
     else:
         Run.objects.bulk_create(runs)

@@ -4,6 +4,7 @@ import uuid
 from datetime import timedelta
 
 import pytest
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from agents.models import Agent, Run, RunStatus
@@ -60,3 +61,15 @@ def test_submitted_runs_read_back_as_they_were_built(db, user, count):
     by_id = {run.pk: run for run in Run.objects.filter(pk__in=[run.pk for run in built_runs])}
     assert [stored(by_id[run.pk]) for run in built_runs] == [stored(run) for run in built_runs]
     assert (built_runs[0].agent.name, built_runs[0].submitted_by) == ("echo", user)
+
+
+@pytest.mark.parametrize("count", [1, PLAIN_INSERT_ROWS_MAX + 1])
+def test_a_run_whose_idempotency_key_is_taken_fails_the_insert_with_djangos_integrity_error(db, count):
+    taken = RunFactory(idempotency_key="taken")
+    runs = built(count, parent=RunFactory(submitted_by=taken.submitted_by))
+    runs[-1].idempotency_key = "taken"
+
+    with pytest.raises(IntegrityError), transaction.atomic():
+        runs_insert(runs)
+
+    assert not Run.objects.filter(pk__in=[run.pk for run in runs]).exists()
