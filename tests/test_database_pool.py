@@ -59,3 +59,13 @@ def test_a_healthy_idle_connection_passes_its_check(pooled, monkeypatch):
     pooled_connection_returned(pooled)
 
     pooled_connection_check(pooled)
+
+
+def test_a_connection_django_hands_back_is_in_the_pool_at_once(transactional_db):
+    connection.ensure_connection()
+    available = connection.pool.get_stats().get("pool_available", 0)
+
+    connection.close()
+
+    # Not later, from a thread of the pool's: a test database could not be dropped behind such a return.
+    assert connection.pool.get_stats().get("pool_available", 0) == available + 1
