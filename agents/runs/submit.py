@@ -281,14 +281,16 @@ def _new_run(*, agent: Agent, submitted_by, parent: Run | None, **values: Any) -
         if attname not in values:
             run.__dict__[attname] = default()
     run.__dict__.update(values)
-    for name, related in (("agent", agent), ("submitted_by", submitted_by), ("parent", parent)):
+    for field, related in zip(_RUN_RELATIONS, (agent, submitted_by, parent), strict=True):
         if related is not None:
-            Run._meta.get_field(name).set_cached_value(run, related)
+            field.set_cached_value(run, related)
     return run
 
 
 _RUN_FIELDS = Run._meta.concrete_fields
 _RUN_ATTNAMES = frozenset(field.attname for field in _RUN_FIELDS)
+# The relations a new run is given in hand, in _new_run's order, looked up once rather than per run.
+_RUN_RELATIONS = tuple(Run._meta.get_field(name) for name in ("agent", "submitted_by", "parent"))
 # What a field holds when not given: a constant, or what its default makes anew for each run (ids, lists).
 _RUN_CALLED_DEFAULTS = [(field.attname, field.get_default) for field in _RUN_FIELDS if callable(field.default)]
 _RUN_CONSTANT_DEFAULTS = {field.attname: field.get_default() for field in _RUN_FIELDS if not callable(field.default)}
