@@ -7,6 +7,7 @@ from agents.models import Agent, Run, RunStatus
 from agents.runs.execute import runs_execute
 from agents.runs.finish import ATTEMPT_ERRORS_KEPT, ATTEMPT_TRACEBACK_MAX_CHARS, attempt_errors_after, worker_lost
 from tests.factories import RunFactory
+from tests.polling import eventually
 
 CUT = "[log cut: RUN_LOG_MAX_BYTES reached]\n"
 
@@ -20,6 +21,11 @@ def executed(run: Run) -> Run:
     """One attempt of `run` in this process, as a worker makes it; the row as it stands afterwards."""
     runs_execute(run_ids=[str(run.pk)], worker="w1")
     return Run.objects.get(pk=run.pk)
+
+
+def finished(run: Run) -> Run:
+    """The run's row once it is terminal."""
+    return eventually(lambda: (row := Run.objects.get(pk=run.pk)).is_terminal and row, what=f"the end of run {run.pk}")
 
 
 def test_what_an_agent_logs_is_kept_with_its_run(chatty):
@@ -78,7 +84,9 @@ def test_what_an_agent_logged_before_it_delegated_is_kept_with_what_its_continua
 
     waiting = executed(run)
     executed(Run.objects.get(parent=run))
-    run = executed(run)
+    # The child's end and the parent's resumption are also published: a worker another test left
+    # running may take either first, so the parent is waited for, whoever executes it.
+    run = finished(executed(run))
 
     assert waiting.status == RunStatus.WAITING
     assert "INFO handing over to a child" in waiting.log
