@@ -35,3 +35,22 @@ def test_redis_restarted_empty_with_runs_queued_and_running_loses_no_run_and_exe
     assert statuses[RunStatus.QUEUED] >= 100, f"runs by status when Redis was restarted: {dict(statuses)}"
     assert statuses[RunStatus.RUNNING] >= 1, f"runs by status when Redis was restarted: {dict(statuses)}"
     assert (len(outcome.lost), len(outcome.twice)) == (0, 0), f"{outcome}\n{stack.diagnostics()}"
+
+
+def test_a_worker_holding_an_unacknowledged_message_stays_up_when_redis_restarts(
+    make_stack, shared_database, private_redis
+):
+    # The worker runs one run (its message unacknowledged until the run ends) and waits on the broker for more:
+    # the connection it loses then holds both a delivered message and a pending read.
+    stack = make_stack("redis-restart-holding", database=shared_database, redis_url=private_redis.url)
+    stack.start("web", "standard")
+    accepted = stack.submit_batch(runs(1, "redis-restart-holding", tier="standard", seconds=3))
+    stack.executions.wait_for(lambda run: run.event == "start", what="the run starting")
+
+    private_redis.crash()
+    private_redis.start()
+    accepted += stack.submit_batch(runs(1, "redis-restart-holding-after", tier="standard", seconds=0.01))
+    outcome = tally(accepted=accepted, rows=settled(shared_database, seconds=30), executions=stack.executions.read())
+
+    assert stack.processes["standard"].alive(), stack.diagnostics()
+    assert (len(outcome.lost), len(outcome.twice)) == (0, 0), f"{outcome}\n{stack.diagnostics()}"
