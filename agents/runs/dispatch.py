@@ -135,7 +135,6 @@ def message_publish(
     headers, properties, body, _ = app.amqp.as_task_v2(
         task_id, EXECUTE_RUN_TASK, args=run_ids, countdown=countdown, time_limit=time_limit,
         argsrepr=_args_repr(run_ids), kwargsrepr="{}", origin=_origin(), reply_to=app.thread_oid,
-        ignore_result=None,
     )  # fmt: skip
     signals.before_task_publish.send(
         sender=EXECUTE_RUN_TASK, body=body, exchange="", routing_key=queue, declare=[], headers=headers,

@@ -131,6 +131,8 @@ def broker_messages(queue: str) -> list[dict]:
 def comparable(message: dict) -> dict:
     """A broker message without what differs from one publish to the next (ids, tags, the publisher's name)."""
     headers = {k: v for k, v in message["headers"].items() if k not in ("id", "root_id", "origin", "argsrepr", "eta")}
+    # A result not ignored is sent as False by Celery 5.6 and as None by 5.7; a worker reads both as False.
+    headers["ignore_result"] = bool(headers["ignore_result"])
     properties = {k: v for k, v in message["properties"].items() if k not in ("correlation_id", "delivery_tag")}
     return {**message, "headers": headers, "properties": properties, "body": json.loads(b64decode(message["body"]))}
 
