@@ -228,7 +228,9 @@ def _execute_claimed(
         for index, run in enumerate(claimed):
             if index and time.monotonic() - began > settings.RUN_MESSAGE_SLICE_SECONDS:
                 _done(received)
-                runs_hand_back(claimed[index:], held=held)
+                # Left claimed, they would wait out their lease before any other process could take them.
+                hand_back = functools.partial(runs_hand_back, claimed[index:], held=held)
+                until_database_answers(hand_back, what="handing runs back")
                 break
             attempt = _attempt(run, worker)
             if attempt is not None:
@@ -284,7 +286,7 @@ def _with_slots(claimed: list[Run], *, held: Q) -> list[Run]:
             waiting.append(run)
     if not waiting:
         return claimed
-    _release(waiting, held=held)
+    until_database_answers(lambda: _release(waiting, held=held), what="queueing runs to wait for a slot")
     for run in waiting:
         logger.info("run %s waits for a slot of %s (limit %s)", run.pk, run.agent.name, run.agent.concurrency_limit)
     return [run for run in claimed if run not in waiting]
