@@ -112,13 +112,16 @@ def _start(command: list[str], env: dict[str, str], log: Path) -> subprocess.Pop
         return subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
-def _stop(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+def _stop(processes: list[subprocess.Popen]) -> None:
+    """Ask every process to stop at once (they shut down side by side), then kill any still running after 20 s."""
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def _listening_addresses(port: int) -> set[str]:
@@ -229,8 +232,7 @@ def stack(django_db_setup, tmp_path_factory) -> Iterator[FlowerStack]:
         eventually(worker_shown, seconds=START_SECONDS, what="the worker showing in Flower", every=0.5)
         yield stack
     finally:
-        for process in reversed(started):
-            _stop(process)
+        _stop(started[::-1])
 
 
 ROUTES = [
@@ -413,8 +415,7 @@ def pools(transactional_db, tmp_path) -> Iterator[FlowerStack]:
         eventually(serving, seconds=START_SECONDS, what="Flower answering")
         yield stack
     finally:
-        for process in reversed(started):
-            _stop(process)
+        _stop(started[::-1])
 
 
 @pytest.mark.slow
