@@ -23,6 +23,7 @@ from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -373,12 +374,15 @@ def message_killed(*, run_ids: Sequence[str], worker: str, pid: int | None, limi
     """Celery killed a process at its message's hard time limit (the watchdog's backstop): record what it had
     finished, fail the attempt it was executing, hand back the rest of the message (the message is
     acknowledged, so they need a new one)."""
+    claimed_at = OutcomeSpool(worker=worker, pid=pid).read()[0] if pid else None
     _spooled_record(worker=worker, pid=pid)
-    culprit, others = _message_held(run_ids, worker=worker, pid=pid)
+    culprit, others = _message_held(run_ids, worker=worker, pid=pid, claimed_at=claimed_at)
     if culprit is not None:
         _time_limit_exceeded(culprit)
     if others:
-        runs_hand_back(others, held=Q(status=RunStatus.RUNNING, worker=worker))
+        runs_hand_back(others, held=_claim(worker, claimed_at))
+    if pid:
+        board.forget(pid)
     logger.warning("message of %d runs killed at its hard limit of %gs on %s", len(run_ids), limit, worker)
 
 
@@ -386,8 +390,9 @@ def message_lost(*, run_ids: Sequence[str], worker: str, pid: int | None) -> Non
     """A pool process died mid-message (killed by the watchdog past a run's hard limit, or by anything else):
     what it had finished is recorded, the run it was executing fails for its time limit or goes back without
     spending a retry, and the others go back, for the redelivered message to claim at once."""
+    claimed_at = OutcomeSpool(worker=worker, pid=pid).read()[0] if pid else None
     _spooled_record(worker=worker, pid=pid)
-    culprit, others = _message_held(run_ids, worker=worker, pid=pid)
+    culprit, others = _message_held(run_ids, worker=worker, pid=pid, claimed_at=claimed_at)
     killed = culprit is not None and board.killed(pid)
     # Celery delivers the message again, for every run of it that goes back to the queue.
     going_back = [*others, culprit] if culprit is not None and not killed else others
@@ -398,7 +403,40 @@ def message_lost(*, run_ids: Sequence[str], worker: str, pid: int | None) -> Non
         # The redelivered message claims the run, queued again without spending a retry.
         worker_lost(culprit, dispatch=False)
     if others:
-        _release(others, held=Q(status=RunStatus.RUNNING, worker=worker))
+        _release(others, held=_claim(worker, claimed_at))
+    if pid:
+        board.forget(pid)
+
+
+def pool_process_died(pid: int, *, worker: str) -> None:
+    """A pool process died holding runs and no failed message told of it: what it had finished is recorded,
+    the run it was executing goes back without spending a retry (or fails, past its hard limit), and the
+    others go back to the queue."""
+    claimed_at, _ = OutcomeSpool(worker=worker, pid=pid).read()
+    if claimed_at is not None:
+        # The spool stays: a failed message may yet tell of the same process, and finds the claim in it.
+        _spooled_record(worker=worker, pid=pid, clear=False)
+        held = _claim(worker, claimed_at)
+        runs = list(Run.objects.select_related("agent").filter(held, pk__in=board.held([pid])))
+        executing = board.executing(pid)
+        culprit = next((run for run in runs if run.pk == executing), None)
+        others = [run for run in runs if run is not culprit]
+        if culprit is not None and board.killed(pid):
+            _time_limit_exceeded(culprit)
+        elif culprit is not None:
+            worker_lost(culprit)
+        if others:
+            runs_hand_back(others, held=held)
+        logger.warning("pool process %s of %s died holding %d runs; they are seen to", pid, worker, len(runs))
+    # Without a noted claim, the process died before its claim was known: the runs' leases lapse.
+    board.forget(pid)
+
+
+def _claim(worker: str, claimed_at: datetime | None) -> Q:
+    """The runs `worker` holds, of the claim made at `claimed_at` if it is known (a claim is known by its start:
+    another process of the same worker may have claimed some of them again since)."""
+    held = Q(status=RunStatus.RUNNING, worker=worker)
+    return held & Q(started_at=claimed_at) if claimed_at is not None else held
 
 
 def _time_limit_exceeded(culprit: Run) -> None:
@@ -424,28 +462,31 @@ def spooled_record_all(*, worker: str, live: Collection[int] = ()) -> None:
                 logger.warning("could not record what process %s of %s had finished: %s", pid, worker, exc)
 
 
-def _spooled_record(*, worker: str, pid: int | None) -> None:
+def _spooled_record(*, worker: str, pid: int | None, clear: bool = True) -> None:
     """Record the attempts a dead pool process had finished but not written, from its spool."""
     if not pid:
         return
     spool = OutcomeSpool(worker=worker, pid=pid)
     claimed_at, entries = spool.read()
     if entries:
-        held = Q(status=RunStatus.RUNNING, worker=worker, started_at=claimed_at)
+        held = _claim(worker, claimed_at)
         runs = Run.objects.select_related("agent").filter(held, pk__in=[entry["run"] for entry in entries])
         by_id = {str(run.pk): run for run in runs}
         attempts = [attempt_from(entry, by_id[entry["run"]]) for entry in entries if entry["run"] in by_id]
         _attempts_write(attempts, held=held)
-        logger.info("recorded %d outcomes that a dead process of %s had reached", len(attempts), worker)
-    spool.clear()
+        if attempts:
+            logger.info("recorded %d outcomes that a dead process of %s had reached", len(attempts), worker)
+    if clear:
+        spool.clear()
 
 
-def _message_held(run_ids: Sequence[str], *, worker: str, pid: int | None) -> tuple[Run | None, list[Run]]:
-    """The message's runs this worker still holds: the one the process was executing, and the others."""
+def _message_held(
+    run_ids: Sequence[str], *, worker: str, pid: int | None, claimed_at: datetime | None = None
+) -> tuple[Run | None, list[Run]]:
+    """The message's runs this worker still holds (of the claim made at `claimed_at`, if known): the one the
+    process was executing, and the others."""
     executing = board.executing(pid)
-    held = list(
-        Run.objects.select_related("agent").filter(pk__in=_valid_ids(run_ids), status=RunStatus.RUNNING, worker=worker)
-    )
+    held = list(Run.objects.select_related("agent").filter(_claim(worker, claimed_at), pk__in=_valid_ids(run_ids)))
     culprit = next((run for run in held if run.pk == executing), None)
     if culprit is None and len(held) == 1 and executing is None:
         # A message of one run: that run was executing, whatever the board could tell.

@@ -74,7 +74,8 @@ def held_by(run: Run) -> Q:
 
     A claim is known by its start: heartbeats move the lease, and a later claim has a later start.
     """
-    return Q(status=RunStatus.RUNNING, worker=run.worker, started_at=run.started_at)
+    # The runs of one message are claimed together and share the claim's start: the row is named too.
+    return Q(pk=run.pk, status=RunStatus.RUNNING, worker=run.worker, started_at=run.started_at)
 
 
 def _queue_wait_ms(run: Run, started_at: datetime) -> int:

@@ -9,6 +9,7 @@ never starves the heartbeat, and a process that died renews nothing.
 """
 
 import contextlib
+import functools
 import logging
 import mmap
 import os
@@ -17,7 +18,7 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import timedelta
 from pathlib import Path
 
@@ -98,6 +99,21 @@ class HoldingBoard:
         slot_pid, _, _, _, killed = self.HEAD.unpack_from(self._memory, self._offset(pid))
         return slot_pid == pid and bool(killed)
 
+    def holders(self) -> list[int]:
+        """The processes that hold runs now, as far as the board knows (a dead one stays until forgotten)."""
+        pids = []
+        for slot in range(self.SLOTS):
+            slot_pid, _, count, _, _ = self.HEAD.unpack_from(self._memory, slot * self.slot_size)
+            if slot_pid and count:
+                pids.append(slot_pid)
+        return pids
+
+    def forget(self, pid: int) -> None:
+        """The process `pid` is gone and what it held has been seen to."""
+        offset = self._offset(pid)
+        if self.HEAD.unpack_from(self._memory, offset)[0] == pid:
+            self.HEAD.pack_into(self._memory, offset, 0, bytes(16), 0, 0.0, 0)
+
     def held(self, pids: Iterable[int]) -> list[uuid.UUID]:
         """The runs held by the processes `pids`."""
         runs = []
@@ -146,11 +162,13 @@ def pool_processes() -> list[int]:
 
 
 class Heartbeat(threading.Thread):
-    """Renews the leases of the runs this worker's processes hold, until the worker stops."""
+    """Renews the leases of the runs this worker's processes hold, until the worker stops; hands a process
+    that died holding runs to `on_process_died`."""
 
-    def __init__(self, worker: str) -> None:
+    def __init__(self, worker: str, on_process_died: Callable[[int], None] | None = None) -> None:
         super().__init__(name="run-lease-heartbeat", daemon=True)
         self.worker = worker
+        self.on_process_died = on_process_died
         self.stopped = threading.Event()
 
     def run(self) -> None:
@@ -161,8 +179,19 @@ class Heartbeat(threading.Thread):
 
     def beat(self) -> int:
         """Renew once; a database that does not answer is logged, and the next beat tries again."""
+        live = _children(os.getpid())
+        if self.on_process_died is not None:
+            # Celery tells of a process that died mid-message only once it knew the process had started it;
+            # a message sent to a process killed before that goes to another process, and what the dead one
+            # held would wait out its lease.
+            for pid in set(board.holders()) - set(live):
+                try:
+                    self.on_process_died(pid)
+                except Exception:
+                    # Left on the board: the next beat tries again.
+                    logger.exception("could not see to the runs of %s's dead process %s", self.worker, pid)
         try:
-            return leases_renew(worker=self.worker, run_ids=board.held(_children(os.getpid())))
+            return leases_renew(worker=self.worker, run_ids=board.held(live))
         except DatabaseError as exc:
             # The next beat tries again; a lease outlives a few missed beats.
             logger.warning("could not renew run leases of %s: %s", self.worker, exc)
@@ -203,7 +232,10 @@ class Watchdog(threading.Thread):
 
 def heartbeat_on_worker_ready(sender, **kwargs) -> None:
     """Start the heartbeat and the hard-limit watchdog in the worker's main process."""
+    # Imported here: the run's execution uses this module's board.
+    from agents.runs.execute import pool_process_died
+
     hostname = getattr(sender, "hostname", None)
     if hostname:
-        Heartbeat(worker=hostname).start()
+        Heartbeat(worker=hostname, on_process_died=functools.partial(pool_process_died, worker=hostname)).start()
         Watchdog().start()
