@@ -251,7 +251,7 @@ def _attempts_write(attempts: Sequence[Attempt], *, held: Q) -> None:
             until_database_answers(lambda a=attempt: run_delegate(attempt=a, held=held), what="delegating")
 
 
-def _valid_ids(run_ids: Sequence[str]) -> list[uuid.UUID]:
+def _valid_ids(run_ids: Sequence[str | uuid.UUID]) -> list[uuid.UUID]:
     valid = []
     for run_id in run_ids:
         try:
@@ -416,18 +416,15 @@ def pool_process_died(pid: int, *, worker: str) -> None:
     if claimed_at is not None:
         # The spool stays: a failed message may yet tell of the same process, and finds the claim in it.
         _spooled_record(worker=worker, pid=pid, clear=False)
-        held = _claim(worker, claimed_at)
-        runs = list(Run.objects.select_related("agent").filter(held, pk__in=board.held([pid])))
-        executing = board.executing(pid)
-        culprit = next((run for run in runs if run.pk == executing), None)
-        others = [run for run in runs if run is not culprit]
+        culprit, others = _message_held(board.held([pid]), worker=worker, pid=pid, claimed_at=claimed_at)
         if culprit is not None and board.killed(pid):
             _time_limit_exceeded(culprit)
         elif culprit is not None:
             worker_lost(culprit)
         if others:
-            runs_hand_back(others, held=held)
-        logger.warning("pool process %s of %s died holding %d runs; they are seen to", pid, worker, len(runs))
+            runs_hand_back(others, held=_claim(worker, claimed_at))
+        held = len(others) + (culprit is not None)
+        logger.warning("pool process %s of %s died holding %d runs; they are seen to", pid, worker, held)
     # Without a noted claim, the process died before its claim was known: the runs' leases lapse.
     board.forget(pid)
 
@@ -481,7 +478,7 @@ def _spooled_record(*, worker: str, pid: int | None, clear: bool = True) -> None
 
 
 def _message_held(
-    run_ids: Sequence[str], *, worker: str, pid: int | None, claimed_at: datetime | None = None
+    run_ids: Sequence[str | uuid.UUID], *, worker: str, pid: int | None, claimed_at: datetime | None = None
 ) -> tuple[Run | None, list[Run]]:
     """The message's runs this worker still holds (of the claim made at `claimed_at`, if known): the one the
     process was executing, and the others."""
