@@ -9,7 +9,8 @@ A run event is one JSON object, published on the run's, its agent's and the glob
 `event` is one of queued, started, retrying, waiting, succeeded, failed, cancelled, expired; `user`
 is the id of the run's submitter (null for runs nobody submitted, such as topic runs without an
 origin); `parent` and `root` name the run's parent and the top of its tree (null for a run on its
-own). An event of a run in a tree is also published on its root's run channel.
+own). An event of a run in a tree is also published on its root's tree channel, apart from the
+root's own channel: a client waiting for the root's end does not hear every run below it.
 
 Events may be lost (a waiter reads the run row again). Topic messages may not: each is appended, as
 the field `envelope` of an entry, to the topic's stream, which the dispatchers' consumer group reads
@@ -70,6 +71,11 @@ class InvalidTopic(ValueError):
 
 def run_channel(run_id: object) -> str:
     return redis_key("events", "run", run_id)
+
+
+def tree_channel(root_id: object) -> str:
+    """The events of every run below the root `root_id` (the root's own go on its run channel)."""
+    return redis_key("events", "tree", root_id)
 
 
 def agent_channel(agent: str) -> str:
@@ -154,8 +160,8 @@ def queue_run_events(pipe: redis.client.Pipeline, events: Iterable[dict[str, Any
         if not new:
             pipe.publish(run_channel(event["run"]), payload)
         if event.get("root"):
-            # Whoever follows a tree follows its root's channel.
-            pipe.publish(run_channel(event["root"]), payload)
+            # A channel of its own: whoever waits on the root alone does not hear every run below it.
+            pipe.publish(tree_channel(event["root"]), payload)
         pipe.publish(agent_channel(event["agent"]), payload)
         pipe.publish(all_channel(), payload)
 

@@ -22,9 +22,9 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class EventStream:
-    """One caller's view of the bus: a channel, whose events it may see, and when it ends."""
+    """One caller's view of the bus: its channels, whose events it may see, and when it ends."""
 
-    channel: str
+    channels: tuple[str, ...]
     # None: every event on the channel (staff); otherwise only the events of this user's runs.
     user_id: int | None
     # For a stream of one run: it ends with the run.
@@ -42,12 +42,14 @@ def event_stream_for(*, user, agent: str | None = None, run: str | None = None) 
         found = run_visible_to(user).get(pk=run_id)
         if agent is not None and found.agent.name != agent:
             raise RunRejected({"agent": [f"Run {run_id} is a run of {found.agent.name!r}, not {agent!r}."]})
-        return EventStream(channel=events.run_channel(run_id), user_id=user_id, run=found)
+        # The run, and the whole tree below it.
+        channels = (events.run_channel(run_id), events.tree_channel(run_id))
+        return EventStream(channels=channels, user_id=user_id, run=found)
     if agent is not None:
         if not Agent.objects.filter(name=agent).exists():
             raise RunRejected({"agent": [f"Unknown agent {agent!r}."]})
-        return EventStream(channel=events.agent_channel(agent), user_id=user_id)
-    return EventStream(channel=events.all_channel(), user_id=user_id)
+        return EventStream(channels=(events.agent_channel(agent),), user_id=user_id)
+    return EventStream(channels=(events.all_channel(),), user_id=user_id)
 
 
 async def in_db_thread(function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -75,10 +77,11 @@ async def event_stream_read(stream: EventStream, *, keepalive: float) -> AsyncIt
     client = redis.asyncio.Redis.from_url(settings.REDIS_URL, socket_timeout=None)
     pubsub = client.pubsub()
     try:
-        await pubsub.subscribe(stream.channel)
-        # subscribe() only sends the command: the stream is live once Redis confirms it.
-        while (await pubsub.get_message(timeout=keepalive) or {}).get("type") != "subscribe":
-            pass
+        await pubsub.subscribe(*stream.channels)
+        # subscribe() only sends the command: the stream is live once Redis confirms every channel.
+        confirmed = 0
+        while confirmed < len(stream.channels):
+            confirmed += (await pubsub.get_message(timeout=keepalive) or {}).get("type") == "subscribe"
         # Read after the subscription stands, so that whatever happens to the run later reaches us.
         if stream.run is not None:
             await in_db_thread(stream.run.refresh_from_db, fields=["status", "attempts"])
@@ -96,7 +99,7 @@ async def event_stream_read(stream: EventStream, *, keepalive: float) -> AsyncIt
                 if stream.user_id is None or event.get("user") == stream.user_id:
                     yield event
                     quiet_since = time.monotonic()
-                    # A run's channel also carries its tree's events: the stream ends with the run itself.
+                    # A run's stream also carries its tree's events: it ends with the run itself.
                     ended = event.get("run") == str(getattr(stream.run, "pk", None))
                     if ended and event.get("status") in RunStatus.terminal():
                         return
