@@ -374,8 +374,7 @@ def message_killed(*, run_ids: Sequence[str], worker: str, pid: int | None, limi
     """Celery killed a process at its message's hard time limit (the watchdog's backstop): record what it had
     finished, fail the attempt it was executing, hand back the rest of the message (the message is
     acknowledged, so they need a new one)."""
-    claimed_at = OutcomeSpool(worker=worker, pid=pid).read()[0] if pid else None
-    _spooled_record(worker=worker, pid=pid)
+    claimed_at = _spooled_record(worker=worker, pid=pid)
     culprit, others = _message_held(run_ids, worker=worker, pid=pid, claimed_at=claimed_at)
     if culprit is not None:
         _time_limit_exceeded(culprit)
@@ -390,8 +389,7 @@ def message_lost(*, run_ids: Sequence[str], worker: str, pid: int | None) -> Non
     """A pool process died mid-message (killed by the watchdog past a run's hard limit, or by anything else):
     what it had finished is recorded, the run it was executing fails for its time limit or goes back without
     spending a retry, and the others go back, for the redelivered message to claim at once."""
-    claimed_at = OutcomeSpool(worker=worker, pid=pid).read()[0] if pid else None
-    _spooled_record(worker=worker, pid=pid)
+    claimed_at = _spooled_record(worker=worker, pid=pid)
     culprit, others = _message_held(run_ids, worker=worker, pid=pid, claimed_at=claimed_at)
     killed = culprit is not None and board.killed(pid)
     # Celery delivers the message again, for every run of it that goes back to the queue.
@@ -412,10 +410,9 @@ def pool_process_died(pid: int, *, worker: str) -> None:
     """A pool process died holding runs and no failed message told of it: what it had finished is recorded,
     the run it was executing goes back without spending a retry (or fails, past its hard limit), and the
     others go back to the queue."""
-    claimed_at, _ = OutcomeSpool(worker=worker, pid=pid).read()
+    # The spool stays: a failed message may yet tell of the same process, and finds the claim in it.
+    claimed_at = _spooled_record(worker=worker, pid=pid, clear=False)
     if claimed_at is not None:
-        # The spool stays: a failed message may yet tell of the same process, and finds the claim in it.
-        _spooled_record(worker=worker, pid=pid, clear=False)
         culprit, others = _message_held(board.held([pid]), worker=worker, pid=pid, claimed_at=claimed_at)
         if culprit is not None and board.killed(pid):
             _time_limit_exceeded(culprit)
@@ -459,10 +456,11 @@ def spooled_record_all(*, worker: str, live: Collection[int] = ()) -> None:
                 logger.warning("could not record what process %s of %s had finished: %s", pid, worker, exc)
 
 
-def _spooled_record(*, worker: str, pid: int | None, clear: bool = True) -> None:
-    """Record the attempts a dead pool process had finished but not written, from its spool."""
+def _spooled_record(*, worker: str, pid: int | None, clear: bool = True) -> datetime | None:
+    """Record the attempts a dead pool process had finished but not written, from its spool; returns the start
+    of the claim the process held (None if its spool noted none)."""
     if not pid:
-        return
+        return None
     spool = OutcomeSpool(worker=worker, pid=pid)
     claimed_at, entries = spool.read()
     if entries:
@@ -475,6 +473,7 @@ def _spooled_record(*, worker: str, pid: int | None, clear: bool = True) -> None
             logger.info("recorded %d outcomes that a dead process of %s had reached", len(attempts), worker)
     if clear:
         spool.clear()
+    return claimed_at
 
 
 def _message_held(

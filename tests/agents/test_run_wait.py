@@ -9,7 +9,7 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
 from agentplatform import events
-from agents.models import RunStatus
+from agents.models import Run, RunStatus
 from agents.runs.selectors import run_wait
 from tests.factories import RunFactory
 
@@ -51,8 +51,8 @@ def test_a_waiter_is_woken_by_its_own_runs_end():
 
     def finish() -> None:
         time.sleep(0.3)
-        type(run).objects.filter(pk=run.pk).update(status=RunStatus.SUCCEEDED)
-        events.publish_run_events([events.event_of_run(type(run).objects.get(pk=run.pk), "succeeded")])
+        Run.objects.filter(pk=run.pk).update(status=RunStatus.SUCCEEDED)
+        events.publish_run_events([events.event_of_run(Run.objects.get(pk=run.pk), "succeeded")])
 
     threading.Thread(target=finish, daemon=True).start()
     started = time.monotonic()

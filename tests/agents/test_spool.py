@@ -98,13 +98,16 @@ def died_holding(worker: str, claimed: list[Run], *, finished: Run, executing: R
     attempt = Attempt(run=finished, started_at=now, finished_at=now, run_ms=1, result={"done": True})
     pid = os.fork()
     if pid == 0:
-        # The child touches neither the database nor Redis: the board and a file are what it leaves.
-        board.hold([run.pk for run in claimed])
-        spool = OutcomeSpool.of_this_process(worker)
-        spool.begin(claimed_at=claimed[0].started_at)
-        spool.add(attempt)
-        board.executing_now(executing.pk)
-        os.kill(os.getpid(), signal.SIGKILL)
+        # The child touches neither the database nor Redis: the board and a file are what it leaves. Whatever
+        # happens, it never returns into the test run.
+        try:
+            board.hold([run.pk for run in claimed])
+            spool = OutcomeSpool.of_this_process(worker)
+            spool.begin(claimed_at=claimed[0].started_at)
+            spool.add(attempt)
+            board.executing_now(executing.pk)
+        finally:
+            os.kill(os.getpid(), signal.SIGKILL)
     os.waitpid(pid, 0)
     return pid
 
