@@ -11,6 +11,8 @@ is the id of the run's submitter (null for runs nobody submitted, such as topic 
 origin); `parent` and `root` name the run's parent and the top of its tree (null for a run on its
 own). An event of a run in a tree is also published on its root's tree channel, apart from the
 root's own channel: a client waiting for the root's end does not hear every run below it.
+Events published together travel as one JSON array per tree, agent and global channel (a run's own
+channel always carries them one by one): `events_of_message` reads either.
 
 Events may be lost (a waiter reads the run row again). Topic messages may not: each is appended, as
 the field `envelope` of an entry, to the topic's stream, which the dispatchers' consumer group reads
@@ -34,6 +36,8 @@ from agentplatform.redis_client import redis_client, redis_key
 
 logger = logging.getLogger(__name__)
 
+# The most events one message on a shared channel carries: a subscriber reads each message whole.
+EVENTS_PER_MESSAGE = 500
 RUN_EVENTS = ("queued", "started", "retrying", "waiting", "succeeded", "failed", "cancelled", "expired")
 TOPIC_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,99}$")
 # The one consumer group of every topic stream: the platform's dispatchers share its messages.
@@ -152,18 +156,37 @@ def publish_run_events(events: Iterable[dict[str, Any]], *, pipe: redis.client.P
 def queue_run_events(pipe: redis.client.Pipeline, events: Iterable[dict[str, Any]], *, new: bool = False) -> None:
     """Queue the publishes of run events on `pipe`, for the caller to send with its own commands.
 
+    Events published together share one message per shared channel (tree, agent, global), a JSON
+    array of them (see `events_of_message`): a batch of a thousand runs is a few publishes, not
+    thousands. Each run's own channel still gets its events one by one, after the shared ones, so
+    that whoever follows a tree hears the runs below the root before the root's own end.
+
     `new`: the runs were created just now, so nobody can be listening on their own channels yet (their ids
     are not out): those publishes are left out.
     """
+    shared: dict[str, list[str]] = {}
+    own: list[tuple[str, str]] = []
     for event in events:
         payload = json.dumps(event)
         if not new:
-            pipe.publish(run_channel(event["run"]), payload)
+            own.append((run_channel(event["run"]), payload))
         if event.get("root"):
             # A channel of its own: whoever waits on the root alone does not hear every run below it.
-            pipe.publish(tree_channel(event["root"]), payload)
-        pipe.publish(agent_channel(event["agent"]), payload)
-        pipe.publish(all_channel(), payload)
+            shared.setdefault(tree_channel(event["root"]), []).append(payload)
+        shared.setdefault(agent_channel(event["agent"]), []).append(payload)
+        shared.setdefault(all_channel(), []).append(payload)
+    for channel, payloads in shared.items():
+        for start in range(0, len(payloads), EVENTS_PER_MESSAGE):
+            chunk = payloads[start : start + EVENTS_PER_MESSAGE]
+            pipe.publish(channel, chunk[0] if len(chunk) == 1 else f"[{','.join(chunk)}]")
+    for channel, payload in own:
+        pipe.publish(channel, payload)
+
+
+def events_of_message(data: bytes | str) -> list[dict[str, Any]]:
+    """The run events one message on an event channel carries: one object, or an array published together."""
+    decoded = json.loads(data)
+    return decoded if isinstance(decoded, list) else [decoded]
 
 
 def publish_cancel(run_id: object) -> None:

@@ -1,6 +1,5 @@
 """Following run events live: which channel a caller may read, and the events it gets from it."""
 
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -94,8 +93,7 @@ async def event_stream_read(stream: EventStream, *, keepalive: float) -> AsyncIt
             # Other users' events are read and dropped; they do not count as the client hearing anything.
             wait = max(keepalive - (time.monotonic() - quiet_since), 0.0)
             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=wait)
-            if message is not None:
-                event = json.loads(message["data"])
+            for event in events.events_of_message(message["data"]) if message is not None else ():
                 if stream.user_id is None or event.get("user") == stream.user_id:
                     yield event
                     quiet_since = time.monotonic()

@@ -280,8 +280,8 @@ def parents_resume(counts: dict[tuple[Any, int], int]) -> int:
     pipe = redis_client().pipeline(transaction=False)
     queued = Counter(field for run in parents for field in (tier_field(run.tier), agent_field(run.agent.name)))
     backlog_add(pipe, queued)
-    events.publish_run_events((events.event_of_run(run, "queued") for run in parents), pipe=pipe)
-    run_dispatch(parents)
+    events.queue_run_events(pipe, (events.event_of_run(run, "queued") for run in parents))
+    run_dispatch(parents, pipe=pipe)
     return len(parents)
 
 

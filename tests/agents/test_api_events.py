@@ -110,6 +110,31 @@ def test_the_stream_of_a_root_carries_every_event_of_its_tree_and_ends_with_the_
     ]
 
 
+def test_a_root_stream_hears_the_runs_below_before_the_root_when_they_end_together(events_server):
+    root = RunFactory()
+    child = RunFactory(parent=root, root=root.pk, submitted_by=root.submitted_by)
+    client = stream(events_server, f"run={root.pk}", root.submitted_by)
+    client.subscribed()
+
+    # One publish, the root listed first.
+    root.status = child.status = RunStatus.CANCELLED
+    events.publish_run_events([events.event_of_run(root, "cancelled"), events.event_of_run(child, "cancelled")])
+
+    received = [(item.data["run"], item.event) for item in client.events_until_end()]
+    assert received == [(str(child.pk), "cancelled"), (str(root.pk), "cancelled")]
+
+
+def test_events_published_together_reach_an_agent_stream_one_by_one_in_order(events_server):
+    user = UserFactory()
+    runs = [RunFactory(submitted_by=user, input={"n": n}) for n in range(3)]
+    client = stream(events_server, "agent=echo", user)
+    client.subscribed()
+
+    events.publish_run_events([events.event_of_run(run, "queued") for run in runs])
+
+    assert [client.next_event().data["run"] for _ in runs] == [str(run.pk) for run in runs]
+
+
 def test_the_stream_of_a_finished_run_gives_its_final_state_and_ends(events_server):
     run = RunFactory(finished=True)
 

@@ -8,6 +8,8 @@ import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
+from agentplatform import events
+from agentplatform.redis_client import redis_client
 from agents.models import Run, RunStatus
 from agents.runs.execute import runs_execute
 from tests.factories import RunFactory
@@ -84,3 +86,23 @@ def test_executing_a_message_costs_two_statements_and_two_redis_round_trips_what
     # markers, backlog and "started" events; "succeeded" events
     assert len(redis_round_trips) <= 2, redis_round_trips.calls
     assert set(Run.objects.values_list("status", flat=True)) == {RunStatus.SUCCEEDED}
+
+
+def test_a_message_announces_its_runs_in_one_publish_per_shared_channel_and_event(transactional_db):
+    runs = [RunFactory(input={"n": n}) for n in range(100)]
+    pubsub = redis_client().pubsub()
+    pubsub.subscribe(events.agent_channel("echo"), events.all_channel())
+    assert [pubsub.get_message(timeout=5)["type"] for _ in range(2)] == ["subscribe", "subscribe"]
+
+    runs_execute(run_ids=[str(run.pk) for run in runs], worker="w1")
+
+    messages = []
+    while (message := pubsub.get_message(timeout=1)) is not None:
+        messages.append((message["channel"].decode(), events.events_of_message(message["data"])))
+    pubsub.close()
+    # "started" and "succeeded", each one message on the agent's channel and one on the global channel
+    assert sorted((channel, items[0]["event"], len(items)) for channel, items in messages) == sorted(
+        (channel, event, 100)
+        for channel in (events.agent_channel("echo"), events.all_channel())
+        for event in ("started", "succeeded")
+    )

@@ -110,9 +110,11 @@ def test_follow_prints_the_events_of_the_agent_until_interrupted(transactional_d
             assert notice, f"runs --follow stopped: {process.stderr.read()}"
         run = RunFactory(status=RunStatus.SUCCEEDED)
         other = RunFactory(agent=Agent.objects.get(name="sleep"))
-        events.publish_run_events([events.event_of_run(other, "queued"), events.event_of_run(run, "succeeded")])
+        # Published together: one message on the agent's channel carries both of the run's events.
+        published = [events.event_of_run(other, "queued"), events.event_of_run(run, "started")]
+        events.publish_run_events([*published, events.event_of_run(run, "succeeded")])
 
-        line = process.stdout.readline()
+        lines = [process.stdout.readline(), process.stdout.readline()]
         process.send_signal(signal.SIGINT)
         out, _ = process.communicate(timeout=30)
     finally:
@@ -120,8 +122,11 @@ def test_follow_prints_the_events_of_the_agent_until_interrupted(transactional_d
             process.kill()
             process.wait()
 
-    assert line.split()[1:5] == ["succeeded", str(run.pk), "echo", "standard"]
-    assert str(other.pk) not in line + out
+    assert [line.split()[1:5] for line in lines] == [
+        ["started", str(run.pk), "echo", "standard"],
+        ["succeeded", str(run.pk), "echo", "standard"],
+    ]
+    assert str(other.pk) not in "".join(lines) + out
     assert process.returncode == 0
 
 

@@ -5,7 +5,6 @@ every run), newest first, filtered by agent, status and tier. Events come from t
 agent's channel with `--agent`, the global one otherwise, filtered by tier and status here.
 """
 
-import json
 from collections.abc import Iterable
 from typing import Any
 
@@ -96,12 +95,12 @@ class Command(BaseCommand):
                 message = pubsub.get_message(ignore_subscribe_messages=True, timeout=FOLLOW_READ_SECONDS)
                 if message is None:
                     continue
-                event = json.loads(message["data"])
-                if not user.is_staff and event.get("user") != user.pk:
-                    continue
-                if (tier and event.get("tier") != tier) or (status and event.get("status") != status):
-                    continue
-                self.stdout.write(event_line(event))
+                for event in events.events_of_message(message["data"]):
+                    if not user.is_staff and event.get("user") != user.pk:
+                        continue
+                    if (tier and event.get("tier") != tier) or (status and event.get("status") != status):
+                        continue
+                    self.stdout.write(event_line(event))
                 self.stdout.flush()
         except KeyboardInterrupt:
             return
