@@ -1,6 +1,6 @@
 """What a fan-out and fan-in costs: one parent gathering N children, against the same N runs submitted flat.
 
-    .venv/bin/python bench/fanout.py [--sizes 10,100,1000,10000] [--repeats 3] [--quick]
+    .venv/bin/python bench/fanout.py [--sizes 10,100,1000,10000] [--repeats 5] [--quick]
 
 Starts, on loopback and a throw-away PostgreSQL database and Redis prefix, the web process and the
 standard worker (two processes) exactly as the Procfile runs them, with the benchmark's agents
@@ -130,7 +130,7 @@ def flat(api: Api, n: int, first: int) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="10,100,1000,10000", help="comma-separated N")
-    parser.add_argument("--repeats", type=int, default=3, help="fan-out and flat pairs per N (the median is shown)")
+    parser.add_argument("--repeats", type=int, default=5, help="fan-out and flat pairs per N (the median is shown)")
     parser.add_argument("--quick", action="store_true", help="N = 10 and 100 only, once each")
     args = parser.parse_args()
     sizes = [10, 100] if args.quick else [int(size) for size in args.sizes.split(",")]
