@@ -19,7 +19,7 @@ from agentplatform import events
 from agentplatform.redis_client import redis_client
 from agents.errors import RunCancelled, RunNotCancellable
 from agents.models import Run
-from agents.runs.finish import run_cancelled
+from agents.runs.finish import CANCEL_CHUNK, children_cancelled, run_cancelled, runs_announce
 
 logger = logging.getLogger(__name__)
 
@@ -93,20 +93,27 @@ cancel_watch = CancelWatch()
 
 def run_cancel(*, run: Run) -> Run:
     """Cancel a queued, running or waiting run and every run below it still in flight; RunNotCancellable if it
-    already finished."""
-    if not run_cancelled(run):
+    already finished.
+
+    The run is cancelled first, so that nothing below it wakes it meanwhile, and announced last: whoever
+    follows its tree hears every run below it end before the run itself.
+    """
+    if not run_cancelled(run, announce=False):
         raise RunNotCancellable(run.status)
     descendants_cancel(run)
+    runs_announce([run])
     return run
 
 
 def descendants_cancel(run: Run) -> int:
-    """Cancel the runs below `run` (children, theirs, …) that have not ended, one level at a time."""
+    """Cancel the runs below `run` (children, theirs, …) that have not ended, one level at a time: a few
+    statements and round trips per level of the tree, however many runs it holds."""
     cancelled, level = 0, [run.pk]
     while level:
-        children = list(Run.objects.select_related("agent").filter(parent_id__in=level))
-        for child in children:
-            if not child.is_terminal:
-                cancelled += run_cancelled(child)
-        level = [child.pk for child in children]
+        cancelled += len(children_cancelled(level))
+        level = [
+            pk
+            for start in range(0, len(level), CANCEL_CHUNK)
+            for pk in Run.objects.filter(parent_id__in=level[start : start + CANCEL_CHUNK]).values_list("pk", flat=True)
+        ]
     return cancelled

@@ -317,19 +317,62 @@ def runs_expire(runs: Iterable[Run]) -> list[Run]:
     return expired
 
 
-def run_cancelled(run: Run) -> bool:
-    """Cancel a queued, running or waiting run; False if it had already ended."""
+CANCELLABLE = (RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.WAITING)
+# Runs cancelled by one statement: the ids of a level of a tree are bound as parameters, of which
+# PostgreSQL takes at most 65,535 a statement.
+CANCEL_CHUNK = 5000
+
+
+def run_cancelled(run: Run, *, announce: bool = True) -> bool:
+    """Cancel a queued, running or waiting run; False if it had already ended.
+
+    Without `announce`, the caller announces the run itself (`runs_announce`) once it has done what must
+    be heard before the run's end.
+    """
     now = timezone.now()
-    in_flight = [RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.WAITING]
-    cancelled = Run.objects.filter(pk=run.pk, status__in=in_flight).update(
+    cancelled = Run.objects.filter(pk=run.pk, status__in=CANCELLABLE).update(
         status=RunStatus.CANCELLED, finished_at=now, lease_expires_at=None, escalate_at=None
     )
     run.refresh_from_db()
     if not cancelled:
         return False
     events.publish_cancel(run.pk)
-    _announce([run])
+    if announce:
+        _announce([run])
     return True
+
+
+def children_cancelled(parent_ids: Sequence[Any]) -> list[Run]:
+    """Cancel the children of `parent_ids` still in flight, a statement or two per CANCEL_CHUNK parents, and
+    announce them together; returns them."""
+    now = timezone.now()
+    cancelled: list[Run] = []
+    for start in range(0, len(parent_ids), CANCEL_CHUNK):
+        chunk = parent_ids[start : start + CANCEL_CHUNK]
+        with transaction.atomic():
+            # Locked, so that a worker recording one of them meanwhile waits, then finds it cancelled.
+            found = list(
+                Run.objects.select_related("agent")
+                .select_for_update(of=("self",))
+                .filter(parent_id__in=chunk, status__in=CANCELLABLE)
+            )
+            for part in range(0, len(found), CANCEL_CHUNK):
+                Run.objects.filter(pk__in=[run.pk for run in found[part : part + CANCEL_CHUNK]]).update(
+                    status=RunStatus.CANCELLED, finished_at=now, lease_expires_at=None, escalate_at=None
+                )
+        running = [run.pk for run in found if run.status == RunStatus.RUNNING]
+        for run in found:
+            run.status, run.finished_at, run.lease_expires_at, run.escalate_at = RunStatus.CANCELLED, now, None, None
+        # Only a run that was running is executing somewhere, to be interrupted.
+        events.publish_cancels(running)
+        _announce(found)
+        cancelled += found
+    return cancelled
+
+
+def runs_announce(runs: Sequence[Run]) -> None:
+    """Announce runs whose new status is written (see `run_cancelled`'s `announce`)."""
+    _announce(runs)
 
 
 def shared_answer(run: Run, *, result: Any, now: datetime) -> dict[str, Any]:

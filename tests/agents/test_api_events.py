@@ -15,6 +15,7 @@ from rest_framework.authtoken.models import Token
 from agentplatform import events
 from agentplatform.redis_client import redis_client
 from agents.models import Agent, RunStatus
+from agents.runs.cancellation import run_cancel
 from agents.runs.execute import runs_execute
 from tests.conftest import ROOT, worker_env
 from tests.factories import RunFactory, StaffFactory, UserFactory
@@ -122,6 +123,19 @@ def test_a_root_stream_hears_the_runs_below_before_the_root_when_they_end_togeth
 
     received = [(item.data["run"], item.event) for item in client.events_until_end()]
     assert received == [(str(child.pk), "cancelled"), (str(root.pk), "cancelled")]
+
+
+def test_a_root_stream_hears_every_run_below_cancelled_before_the_root_itself(events_server):
+    root = RunFactory(status=RunStatus.WAITING)
+    child = RunFactory(parent=root, root=root.pk, submitted_by=root.submitted_by, status=RunStatus.WAITING)
+    grandchild = RunFactory(parent=child, root=root.pk, submitted_by=root.submitted_by)
+    client = stream(events_server, f"run={root.pk}", root.submitted_by)
+    client.subscribed()
+
+    run_cancel(run=root)
+
+    received = [(item.data["run"], item.event) for item in client.events_until_end()]
+    assert received == [(str(run.pk), "cancelled") for run in (child, grandchild, root)]
 
 
 def test_events_published_together_reach_an_agent_stream_one_by_one_in_order(events_server):

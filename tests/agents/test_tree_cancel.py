@@ -1,0 +1,67 @@
+"""Cancelling a run with a tree below it: every run in flight ends, at a cost per level, heard in order."""
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+
+from agentplatform import events
+from agentplatform.redis_client import redis_client
+from agents.models import Run, RunStatus
+from agents.runs.cancellation import run_cancel
+from tests.factories import RunFactory
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def fan_out(children: int, *, status: str = RunStatus.QUEUED) -> tuple[Run, list[Run]]:
+    """A waiting parent with `children` runs below it in `status`."""
+    parent = RunFactory(status=RunStatus.WAITING)
+    below = [
+        RunFactory(parent=parent, root=parent.pk, submitted_by=parent.submitted_by, status=status, input={"n": n})
+        for n in range(children)
+    ]
+    return parent, below
+
+
+def statements_to_cancel(parent: Run) -> int:
+    with CaptureQueriesContext(connection) as queries:
+        run_cancel(run=parent)
+    return len(queries)
+
+
+def test_cancelling_a_parent_costs_as_many_statements_for_two_hundred_children_as_for_five():
+    few, _ = fan_out(5)
+    many, _ = fan_out(200)
+
+    assert statements_to_cancel(many) == statements_to_cancel(few)
+    assert set(Run.objects.filter(parent=many).values_list("status", flat=True)) == {RunStatus.CANCELLED}
+
+
+def test_cancelling_a_parent_ends_every_run_in_flight_at_every_level_and_leaves_finished_ones():
+    parent, (queued, running) = fan_out(2)
+    Run.objects.filter(pk=running.pk).update(status=RunStatus.RUNNING, worker="w1")
+    done = RunFactory(parent=parent, root=parent.pk, submitted_by=parent.submitted_by, finished=True)
+    grandchild = RunFactory(parent=queued, root=parent.pk, submitted_by=parent.submitted_by, input={"n": 9})
+
+    run_cancel(run=parent)
+
+    statuses = dict(Run.objects.values_list("pk", "status"))
+    assert [statuses[run.pk] for run in (parent, queued, running, grandchild)] == [RunStatus.CANCELLED] * 4
+    assert statuses[done.pk] == RunStatus.SUCCEEDED
+
+
+def test_only_the_runs_executing_somewhere_are_named_on_the_cancel_channel():
+    parent, (_queued, running) = fan_out(2)
+    Run.objects.filter(pk=running.pk).update(status=RunStatus.RUNNING, worker="w1")
+    pubsub = redis_client().pubsub()
+    pubsub.subscribe(events.cancel_channel())
+    assert pubsub.get_message(timeout=5)["type"] == "subscribe"
+
+    run_cancel(run=parent)
+
+    named = []
+    while (message := pubsub.get_message(timeout=0.5)) is not None:
+        named.append(message["data"].decode())
+    pubsub.close()
+    # The parent itself is named as any cancelled run is; of its children, only the running one.
+    assert named == [str(parent.pk), str(running.pk)]
