@@ -14,6 +14,7 @@ This module stands below the other steps of a run: it never imports `submit` or 
 """
 
 import logging
+import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from typing import Any
 import redis
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import Case, F, Q, Value, When
+from django.db.models import Case, F, Q, QuerySet, Value, When
 from django.utils import timezone
 
 from agentplatform import events
@@ -321,6 +322,7 @@ CANCELLABLE = (RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.WAITING)
 # Runs cancelled by one statement: the ids of a level of a tree are bound as parameters, of which
 # PostgreSQL takes at most 65,535 a statement.
 CANCEL_CHUNK = 5000
+CANCEL_RETRY_SECONDS = 0.01
 
 
 def run_cancelled(run: Run, *, announce: bool = True) -> bool:
@@ -343,31 +345,43 @@ def run_cancelled(run: Run, *, announce: bool = True) -> bool:
 
 
 def children_cancelled(parent_ids: Sequence[Any]) -> list[Run]:
-    """Cancel the children of `parent_ids` still in flight, a statement or two per CANCEL_CHUNK parents, and
+    """Cancel the children of `parent_ids` still in flight, a few statements per CANCEL_CHUNK parents, and
     announce them together; returns them."""
-    now = timezone.now()
     cancelled: list[Run] = []
     for start in range(0, len(parent_ids), CANCEL_CHUNK):
-        chunk = parent_ids[start : start + CANCEL_CHUNK]
-        with transaction.atomic():
-            # Locked, so that a worker recording one of them meanwhile waits, then finds it cancelled.
-            found = list(
-                Run.objects.select_related("agent")
-                .select_for_update(of=("self",))
-                .filter(parent_id__in=chunk, status__in=CANCELLABLE)
-            )
-            for part in range(0, len(found), CANCEL_CHUNK):
-                Run.objects.filter(pk__in=[run.pk for run in found[part : part + CANCEL_CHUNK]]).update(
-                    status=RunStatus.CANCELLED, finished_at=now, lease_expires_at=None, escalate_at=None
-                )
-        running = [run.pk for run in found if run.status == RunStatus.RUNNING]
-        for run in found:
-            run.status, run.finished_at, run.lease_expires_at, run.escalate_at = RunStatus.CANCELLED, now, None, None
-        # Only a run that was running is executing somewhere, to be interrupted.
-        events.publish_cancels(running)
-        _announce(found)
-        cancelled += found
+        in_flight = Run.objects.filter(parent_id__in=parent_ids[start : start + CANCEL_CHUNK], status__in=CANCELLABLE)
+        while True:
+            found = _cancel_unlocked(in_flight)
+            cancelled += found
+            if not in_flight.exists():
+                break
+            if not found:
+                # Each left is being written by a worker (a claim, an outcome) for a moment: then it is free.
+                time.sleep(CANCEL_RETRY_SECONDS)
     return cancelled
+
+
+def _cancel_unlocked(runs: QuerySet[Run]) -> list[Run]:
+    """Cancel those of `runs` that no other transaction holds, and announce them; returns them.
+
+    Skipping the rows a worker is writing, instead of waiting for them, means this transaction never
+    waits while holding locks of its own: it cannot deadlock with a worker's bulk writes. The caller
+    comes back for what was skipped.
+    """
+    now = timezone.now()
+    with transaction.atomic():
+        found = list(runs.select_related("agent").select_for_update(of=("self",), skip_locked=True))
+        for part in range(0, len(found), CANCEL_CHUNK):
+            Run.objects.filter(pk__in=[run.pk for run in found[part : part + CANCEL_CHUNK]]).update(
+                status=RunStatus.CANCELLED, finished_at=now, lease_expires_at=None, escalate_at=None
+            )
+    running = [run.pk for run in found if run.status == RunStatus.RUNNING]
+    for run in found:
+        run.status, run.finished_at, run.lease_expires_at, run.escalate_at = RunStatus.CANCELLED, now, None, None
+    # Only a run that was running is executing somewhere, to be interrupted.
+    events.publish_cancels(running)
+    _announce(found)
+    return found
 
 
 def runs_announce(runs: Sequence[Run]) -> None:

@@ -1,7 +1,10 @@
 """Cancelling a run with a tree below it: every run in flight ends, at a cost per level, heard in order."""
 
+import threading
+import time
+
 import pytest
-from django.db import connection
+from django.db import DatabaseError, connection, transaction
 from django.test.utils import CaptureQueriesContext
 
 from agentplatform import events
@@ -65,3 +68,35 @@ def test_only_the_runs_executing_somewhere_are_named_on_the_cancel_channel():
     pubsub.close()
     # The parent itself is named as any cancelled run is; of its children, only the running one.
     assert named == [str(parent.pk), str(running.pk)]
+
+
+# A worker's bulk write holds one child while it wants the other; either may be the one the cancel meets first.
+@pytest.mark.parametrize("holds_first", [0, 1])
+def test_a_worker_writing_children_meanwhile_neither_deadlocks_with_the_cancel_nor_keeps_one_running(holds_first):
+    parent, children = fan_out(2)
+    held, wanted = children[holds_first], children[1 - holds_first]
+    locked, errors = threading.Event(), []
+
+    def worker_writes_both() -> None:
+        try:
+            with transaction.atomic():
+                Run.objects.filter(pk=held.pk).update(worker="w1")
+                locked.set()
+                time.sleep(0.5)
+                Run.objects.filter(pk=wanted.pk).update(worker="w1")
+        except DatabaseError as exc:
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    writer = threading.Thread(target=worker_writes_both)
+    writer.start()
+    assert locked.wait(5)
+    try:
+        run_cancel(run=parent)
+    except DatabaseError as exc:
+        errors.append(exc)
+    writer.join(10)
+
+    assert errors == []
+    assert set(Run.objects.filter(parent=parent).values_list("status", flat=True)) == {RunStatus.CANCELLED}
