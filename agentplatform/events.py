@@ -199,12 +199,13 @@ def publish_cancels(run_ids: Iterable[object]) -> None:
     pipe = redis_client().pipeline(transaction=False)
     for run_id in run_ids:
         pipe.publish(cancel_channel(), str(run_id))
-    if not pipe.command_stack:
+    count = len(pipe.command_stack)
+    if not count:
         return
     try:
         pipe.execute()
     except redis.RedisError:
-        logger.exception("could not publish the cancellation of %d runs", len(pipe.command_stack))
+        logger.exception("could not publish the cancellation of %d runs", count)
 
 
 def topic_envelope(topic: str, message: Any, *, run_id: object = None, user: int | None = None) -> dict[str, Any]:

@@ -100,8 +100,10 @@ def run_cancel(*, run: Run) -> Run:
     """
     if not run_cancelled(run, announce=False):
         raise RunNotCancellable(run.status)
-    descendants_cancel(run)
-    runs_announce([run])
+    try:
+        descendants_cancel(run)
+    finally:
+        runs_announce([run])
     return run
 
 

@@ -163,7 +163,7 @@ def attempts_record(attempts: Sequence[Attempt], *, held: Q, backoff: bool = Tru
             )
             run_dispatch([run], countdown=delay or None)
             written.append(run)
-    _announce(written)
+    runs_announce(written)
     return written
 
 
@@ -217,7 +217,7 @@ def _mark(group: list[Attempt], status: RunStatus, values: dict, count: int) -> 
     return runs
 
 
-def _announce(runs: Sequence[Run]) -> None:
+def runs_announce(runs: Sequence[Run]) -> None:
     """After a status change is written: store results, publish events, end leadership and free slots."""
     if not runs:
         return
@@ -314,7 +314,7 @@ def runs_expire(runs: Iterable[Run]) -> list[Run]:
     expired = [run for run in runs if run.pk in ended_ids] if written else []
     for run in expired:
         run.status, run.finished_at, run.sla_met, run.sla_miss = RunStatus.EXPIRED, now, False, "queue_wait"
-    _announce(expired)
+    runs_announce(expired)
     return expired
 
 
@@ -340,7 +340,7 @@ def run_cancelled(run: Run, *, announce: bool = True) -> bool:
         return False
     events.publish_cancel(run.pk)
     if announce:
-        _announce([run])
+        runs_announce([run])
     return True
 
 
@@ -380,13 +380,8 @@ def _cancel_unlocked(runs: QuerySet[Run]) -> list[Run]:
         run.status, run.finished_at, run.lease_expires_at, run.escalate_at = RunStatus.CANCELLED, now, None, None
     # Only a run that was running is executing somewhere, to be interrupted.
     events.publish_cancels(running)
-    _announce(found)
+    runs_announce(found)
     return found
-
-
-def runs_announce(runs: Sequence[Run]) -> None:
-    """Announce runs whose new status is written (see `run_cancelled`'s `announce`)."""
-    _announce(runs)
 
 
 def shared_answer(run: Run, *, result: Any, now: datetime) -> dict[str, Any]:
@@ -426,7 +421,7 @@ def queued_answer_from_cache(runs: list[Run]) -> list[Run]:
             for name, value in values.items():
                 setattr(run, name, value)
             answered.append(run)
-    _announce(answered)
+    runs_announce(answered)
     return rest
 
 
@@ -474,7 +469,7 @@ def _followers_finish(leader: Run) -> int:
     for run in followers:
         for name, value in {**outcome, **per_run[run.pk], "finished_at": now, "escalate_at": None}.items():
             setattr(run, name, value)
-    _announce(followers)
+    runs_announce(followers)
     return len(followers)
 
 
