@@ -196,16 +196,16 @@ def publish_cancel(run_id: object) -> None:
 
 def publish_cancels(run_ids: Iterable[object]) -> None:
     """Tell every worker process that these runs are cancelled, a message each, in one round trip."""
-    pipe = redis_client().pipeline(transaction=False)
-    for run_id in run_ids:
-        pipe.publish(cancel_channel(), str(run_id))
-    count = len(pipe.command_stack)
-    if not count:
+    named = [str(run_id) for run_id in run_ids]
+    if not named:
         return
+    pipe = redis_client().pipeline(transaction=False)
+    for run_id in named:
+        pipe.publish(cancel_channel(), run_id)
     try:
         pipe.execute()
     except redis.RedisError:
-        logger.exception("could not publish the cancellation of %d runs", count)
+        logger.exception("could not publish the cancellation of %d runs", len(named))
 
 
 def topic_envelope(topic: str, message: Any, *, run_id: object = None, user: int | None = None) -> dict[str, Any]:

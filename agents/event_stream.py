@@ -41,7 +41,7 @@ def event_stream_for(*, user, agent: str | None = None, run: str | None = None) 
         found = run_visible_to(user).get(pk=run_id)
         if agent is not None and found.agent.name != agent:
             raise RunRejected({"agent": [f"Run {run_id} is a run of {found.agent.name!r}, not {agent!r}."]})
-        # The run, and the whole tree below it.
+        # The run, and, for the root of a tree, every run below it (they publish on their root's tree channel).
         channels = (events.run_channel(run_id), events.tree_channel(run_id))
         return EventStream(channels=channels, user_id=user_id, run=found)
     if agent is not None:

@@ -61,8 +61,8 @@ def fan_out(api: Api, n: int) -> tuple[float, float]:
     return client_s, (row.finished_at - row.submitted_at).total_seconds()
 
 
-class SucceededEvents:
-    """Hears the `succeeded` events of an agent's runs from now on, noting when each run's arrived."""
+class EndedEvents:
+    """Hears the final events of an agent's runs from now on, noting when each run's arrived."""
 
     def __init__(self, agent: str) -> None:
         from agentplatform import events
@@ -70,18 +70,21 @@ class SucceededEvents:
 
         self.arrived: dict[str, float] = {}
         self.changed = threading.Condition()
+        self.stopped = threading.Event()
         self.pubsub = redis_client().pubsub()
         self.pubsub.subscribe(events.agent_channel(agent))
-        while (self.pubsub.get_message(timeout=5) or {}).get("type") != "subscribe":
-            pass
+        confirmed = self.pubsub.get_message(timeout=10)
+        if (confirmed or {}).get("type") != "subscribe":
+            raise RuntimeError(f"the subscription to {agent}'s events was not confirmed: {confirmed}")
+        # The pub-sub connection is read by this thread alone, until it stops.
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
 
     def _read(self) -> None:
         from agentplatform import events
 
-        while self.pubsub.subscribed:
-            message = self.pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
+        while not self.stopped.is_set():
+            message = self.pubsub.get_message(ignore_subscribe_messages=True, timeout=0.2)
             if message is None:
                 continue
             at = time.monotonic()
@@ -92,14 +95,14 @@ class SucceededEvents:
                     self.changed.notify_all()
 
     def last_of(self, runs: list[str], timeout: float) -> float:
-        """When the last of `runs` had its event heard; RuntimeError if one is not heard within `timeout`."""
+        """When the last of `runs` had its final event heard; RuntimeError if one is not heard within `timeout`."""
         with self.changed:
             if not self.changed.wait_for(lambda: all(run in self.arrived for run in runs), timeout=timeout):
                 raise RuntimeError(f"{sum(run not in self.arrived for run in runs)} runs were not heard ending")
             return max(self.arrived[run] for run in runs)
 
     def close(self) -> None:
-        self.pubsub.unsubscribe()
+        self.stopped.set()
         self.reader.join()
         self.pubsub.close()
 
@@ -110,14 +113,14 @@ def flat(api: Api, n: int, first: int) -> tuple[float, float]:
 
     from agents.models import Run, RunStatus
 
-    heard = SucceededEvents("bench.nothing")
+    heard = EndedEvents("bench.nothing")
     try:
         ids: list[str] = []
         began = time.monotonic()
         for start in range(0, n, BATCH):
             items = [{"agent": "bench.nothing", "input": {"i": first + i}} for i in range(start, min(n, start + BATCH))]
             ids += [run["id"] for run in api.post("/api/v1/runs/batch/", {"runs": items})]
-        client_s = heard.last_of(ids, timeout=600) - began
+        client_s = heard.last_of(ids, timeout=120) - began
     finally:
         heard.close()
     runs = Run.objects.filter(pk__in=ids)

@@ -95,8 +95,8 @@ def run_cancel(*, run: Run) -> Run:
     """Cancel a queued, running or waiting run and every run below it still in flight; RunNotCancellable if it
     already finished.
 
-    The run is cancelled first, so that nothing below it wakes it meanwhile, and announced last: whoever
-    follows its tree hears every run below it end before the run itself.
+    The run is cancelled first, so that nothing below it wakes it meanwhile, and announced after the runs
+    below it that this cancels: whoever follows its tree hears them end before the run itself.
     """
     if not run_cancelled(run, announce=False):
         raise RunNotCancellable(run.status)
@@ -109,13 +109,13 @@ def run_cancel(*, run: Run) -> Run:
 
 def descendants_cancel(run: Run) -> int:
     """Cancel the runs below `run` (children, theirs, …) that have not ended, one level at a time: a few
-    statements and round trips per level of the tree, however many runs it holds."""
+    statements and round trips per level and per CANCEL_CHUNK runs in it, not per run."""
     cancelled, level = 0, [run.pk]
     while level:
-        cancelled += len(children_cancelled(level))
-        level = [
-            pk
-            for start in range(0, len(level), CANCEL_CHUNK)
-            for pk in Run.objects.filter(parent_id__in=level[start : start + CANCEL_CHUNK]).values_list("pk", flat=True)
-        ]
+        below = []
+        for start in range(0, len(level), CANCEL_CHUNK):
+            parents = level[start : start + CANCEL_CHUNK]
+            cancelled += children_cancelled(parents)
+            below += Run.objects.filter(parent_id__in=parents).values_list("pk", flat=True)
+        level = below
     return cancelled

@@ -319,10 +319,15 @@ def runs_expire(runs: Iterable[Run]) -> list[Run]:
 
 
 CANCELLABLE = (RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.WAITING)
-# Runs cancelled by one statement: the ids of a level of a tree are bound as parameters, of which
-# PostgreSQL takes at most 65,535 a statement.
+# Runs locked and cancelled by one statement, and parents whose children one statement looks for (their ids
+# are bound as parameters, of which PostgreSQL takes at most 65,535 a statement).
 CANCEL_CHUNK = 5000
-CANCEL_RETRY_SECONDS = 0.01
+# How long a cancel keeps skipping the rows a worker is writing before it waits for each of them in turn.
+CANCEL_SKIP_SECONDS = 1.0
+
+
+def _cancelled_values(now: datetime) -> dict[str, Any]:
+    return {"status": RunStatus.CANCELLED, "finished_at": now, "lease_expires_at": None, "escalate_at": None}
 
 
 def run_cancelled(run: Run, *, announce: bool = True) -> bool:
@@ -331,10 +336,7 @@ def run_cancelled(run: Run, *, announce: bool = True) -> bool:
     Without `announce`, the caller announces the run itself (`runs_announce`) once it has done what must
     be heard before the run's end.
     """
-    now = timezone.now()
-    cancelled = Run.objects.filter(pk=run.pk, status__in=CANCELLABLE).update(
-        status=RunStatus.CANCELLED, finished_at=now, lease_expires_at=None, escalate_at=None
-    )
+    cancelled = Run.objects.filter(pk=run.pk, status__in=CANCELLABLE).update(**_cancelled_values(timezone.now()))
     run.refresh_from_db()
     if not cancelled:
         return False
@@ -344,44 +346,55 @@ def run_cancelled(run: Run, *, announce: bool = True) -> bool:
     return True
 
 
-def children_cancelled(parent_ids: Sequence[Any]) -> list[Run]:
-    """Cancel the children of `parent_ids` still in flight, a few statements per CANCEL_CHUNK parents, and
-    announce them together; returns them."""
-    cancelled: list[Run] = []
-    for start in range(0, len(parent_ids), CANCEL_CHUNK):
-        in_flight = Run.objects.filter(parent_id__in=parent_ids[start : start + CANCEL_CHUNK], status__in=CANCELLABLE)
-        while True:
-            found = _cancel_unlocked(in_flight)
-            cancelled += found
-            if not in_flight.exists():
-                break
-            if not found:
-                # Each left is being written by a worker (a claim, an outcome) for a moment: then it is free.
-                time.sleep(CANCEL_RETRY_SECONDS)
+def children_cancelled(parent_ids: Sequence[Any]) -> int:
+    """Cancel the children of (at most CANCEL_CHUNK) `parent_ids` still in flight, CANCEL_CHUNK at a time,
+    and announce them; returns how many.
+
+    Rows a worker is writing at that moment (a claim, an outcome) are skipped and taken on a later
+    pass. If some are still held after CANCEL_SKIP_SECONDS, each is cancelled on its own, waiting for
+    its lock while holding none.
+    """
+    in_flight = Run.objects.filter(parent_id__in=parent_ids, status__in=CANCELLABLE)
+    cancelled, pause = 0, 0.01
+    deadline = time.monotonic() + CANCEL_SKIP_SECONDS
+    while True:
+        found = _cancel_unlocked(in_flight)
+        cancelled += found
+        if found == CANCEL_CHUNK:
+            continue
+        if not in_flight.exists():
+            return cancelled
+        if time.monotonic() > deadline:
+            break
+        if not found:
+            time.sleep(pause)
+            pause = min(pause * 2, 0.2)
+    for run in in_flight.select_related("agent"):
+        cancelled += run_cancelled(run)
     return cancelled
 
 
-def _cancel_unlocked(runs: QuerySet[Run]) -> list[Run]:
-    """Cancel those of `runs` that no other transaction holds, and announce them; returns them.
+def _cancel_unlocked(runs: QuerySet[Run]) -> int:
+    """Cancel up to CANCEL_CHUNK of `runs` that no other transaction holds, and announce them; returns how many.
 
     Skipping the rows a worker is writing, instead of waiting for them, means this transaction never
-    waits while holding locks of its own: it cannot deadlock with a worker's bulk writes. The caller
-    comes back for what was skipped.
+    waits while holding locks of its own: it cannot deadlock with a worker's bulk write. The lock is
+    the one its UPDATE takes (no key changes), so a run being inserted that refers to one of these
+    (a follower, a child) does not hold it up.
     """
-    now = timezone.now()
+    values = _cancelled_values(timezone.now())
     with transaction.atomic():
-        found = list(runs.select_related("agent").select_for_update(of=("self",), skip_locked=True))
-        for part in range(0, len(found), CANCEL_CHUNK):
-            Run.objects.filter(pk__in=[run.pk for run in found[part : part + CANCEL_CHUNK]]).update(
-                status=RunStatus.CANCELLED, finished_at=now, lease_expires_at=None, escalate_at=None
-            )
-    running = [run.pk for run in found if run.status == RunStatus.RUNNING]
-    for run in found:
-        run.status, run.finished_at, run.lease_expires_at, run.escalate_at = RunStatus.CANCELLED, now, None, None
+        locked = runs.select_related("agent").select_for_update(of=("self",), skip_locked=True, no_key=True)
+        found = list(locked[:CANCEL_CHUNK])
+        if found:
+            Run.objects.filter(pk__in=[run.pk for run in found]).update(**values)
     # Only a run that was running is executing somewhere, to be interrupted.
-    events.publish_cancels(running)
+    events.publish_cancels(run.pk for run in found if run.status == RunStatus.RUNNING)
+    for run in found:
+        for name, value in values.items():
+            setattr(run, name, value)
     runs_announce(found)
-    return found
+    return len(found)
 
 
 def shared_answer(run: Run, *, result: Any, now: datetime) -> dict[str, Any]:

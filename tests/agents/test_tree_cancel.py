@@ -10,6 +10,7 @@ from django.test.utils import CaptureQueriesContext
 from agentplatform import events
 from agentplatform.redis_client import redis_client
 from agents.models import Run, RunStatus
+from agents.runs import finish
 from agents.runs.cancellation import run_cancel
 from tests.factories import RunFactory
 
@@ -71,8 +72,13 @@ def test_only_the_runs_executing_somewhere_are_named_on_the_cancel_channel():
 
 
 # A worker's bulk write holds one child while it wants the other; either may be the one the cancel meets first.
+# The write lasts 0.5 s: within the time the cancel skips held rows, or past it (then it waits for each).
+@pytest.mark.parametrize("skip_seconds", [1.0, 0.1])
 @pytest.mark.parametrize("holds_first", [0, 1])
-def test_a_worker_writing_children_meanwhile_neither_deadlocks_with_the_cancel_nor_keeps_one_running(holds_first):
+def test_a_worker_writing_children_meanwhile_neither_deadlocks_with_the_cancel_nor_keeps_one_running(
+    holds_first, skip_seconds, monkeypatch
+):
+    monkeypatch.setattr(finish, "CANCEL_SKIP_SECONDS", skip_seconds)
     parent, children = fan_out(2)
     held, wanted = children[holds_first], children[1 - holds_first]
     locked, errors = threading.Event(), []

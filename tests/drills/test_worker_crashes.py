@@ -11,6 +11,9 @@ RUNS = 300
 # A killed worker must not fail runs that did nothing wrong, even when their agent allows no retry.
 AGENT_OF_TIER = {"critical": "drill.count", "standard": "drill.count_retrying", "batch": "drill.count"}
 SETTLE_SECONDS = 90
+# Where the pool-kill drill puts its longer runs in each tier's batch, and how long they take.
+LONG_RUNS = (60, 160, 260)
+LONG_RUN_SECONDS = 0.5
 
 
 def runs(agent: str, tag: str, *, tier: str, seconds: float) -> list[dict]:
@@ -24,10 +27,21 @@ def test_killing_a_pool_process_of_each_tier_loses_no_run_and_executes_none_twic
     accepted, in_flight, killed = [], {}, {}
 
     for tier in TIERS:
-        accepted += stack.submit_batch(runs(AGENT_OF_TIER[tier], f"pool-kill-{tier}", tier=tier, seconds=0.02))
-        # Once a process of the tier has finished some work, kill the one that started a run last, mid-message.
+        batch = runs(AGENT_OF_TIER[tier], f"pool-kill-{tier}", tier=tier, seconds=0.02)
+        # A few longer runs among them, for a process to be killed in the middle of one: a process killed
+        # in the instant between its agent's return and the note of the outcome in its spool has that
+        # run executed again (runs are at-least-once), and a 20 ms run is in that instant too often.
+        for index in LONG_RUNS:
+            batch[index]["input"]["seconds"] = LONG_RUN_SECONDS
+        ids = stack.submit_batch(batch)
+        accepted += ids
+        long_runs = {ids[index] for index in LONG_RUNS}
+        # Once a process of the tier has finished some work, kill one as it starts a long run, mid-message.
         log.wait_for(lambda run, tier=tier: (run.tier, run.event) == (tier, "done"), what=f"work done on {tier}")
-        executing = [run for run in log.read() if (run.tier, run.event) == (tier, "start")][-1]
+        executing = log.wait_for(
+            lambda run, long_runs=long_runs: run.event == "start" and run.run_id in long_runs,
+            what=f"a long run started on {tier}",
+        )
         in_flight[tier] = shared_database.in_flight(tier)
         killed[tier] = stack.kill_pool_process(tier, executing.pid)
     outcome = tally(accepted=accepted, rows=settled(shared_database, seconds=SETTLE_SECONDS), executions=log.read())
