@@ -14,11 +14,12 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from agentplatform import events
 from agentplatform.redis_client import redis_client
 from agents.errors import RunCancelled, RunNotCancellable
-from agents.models import Run
+from agents.models import Run, RunStatus
 from agents.runs.finish import CANCEL_CHUNK, children_cancelled, run_cancelled, runs_announce
 
 logger = logging.getLogger(__name__)
@@ -101,16 +102,16 @@ def run_cancel(*, run: Run) -> Run:
     if not run_cancelled(run, announce=False):
         raise RunNotCancellable(run.status)
     try:
-        descendants_cancel(run)
+        descendants_cancel(run.pk)
     finally:
         runs_announce([run])
     return run
 
 
-def descendants_cancel(run: Run) -> int:
-    """Cancel the runs below `run` (children, theirs, …) that have not ended, one level at a time: a few
-    statements and round trips per level and per CANCEL_CHUNK runs in it, not per run."""
-    cancelled, level = 0, [run.pk]
+def descendants_cancel(run_id: Any) -> int:
+    """Cancel the runs below the run `run_id` (children, theirs, …) that have not ended, one level at a time:
+    a few statements and round trips per level and per CANCEL_CHUNK runs in it, not per run."""
+    cancelled, level = 0, [run_id]
     while level:
         below = []
         for start in range(0, len(level), CANCEL_CHUNK):
@@ -119,3 +120,14 @@ def descendants_cancel(run: Run) -> int:
             below += Run.objects.filter(parent_id__in=parents).values_list("pk", flat=True)
         level = below
     return cancelled
+
+
+def orphans_cancel(limit: int) -> int:
+    """Cancel what is still in flight below cancelled runs (a cancel cut short between two levels of its tree,
+    by a crash or an outage), for up to `limit` such runs; returns how many runs were cancelled."""
+    below = Run.objects.filter(parent__status=RunStatus.CANCELLED).order_by()
+    parents: set[Any] = set()
+    # Asked apart, each state is found through its own partial index instead of a scan of every run.
+    for states in ([RunStatus.QUEUED, RunStatus.RUNNING], [RunStatus.WAITING]):
+        parents.update(below.filter(status__in=states).values_list("parent_id", flat=True)[:limit])
+    return sum(descendants_cancel(parent) for parent in parents)

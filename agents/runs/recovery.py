@@ -21,6 +21,7 @@ from agentplatform.celery import app
 from agentplatform.metrics import sweep_record
 from agentplatform.redis_client import redis_client, redis_key
 from agents.models import IN_FLIGHT, Agent, Run, RunStatus
+from agents.runs.cancellation import orphans_cancel
 from agents.runs.delegation import parents_stranded, runs_wake_due
 from agents.runs.dispatch import messages_confirmed, messages_due, messages_found, run_dispatch
 from agents.runs.finish import followers_orphaned, runs_expire, worker_lost
@@ -47,6 +48,8 @@ class SweepReport:
     # Multi-agent work: waiting runs past their wake-up time, and parents whose children all ended uncounted.
     awoken: int = 0
     parents_resumed: int = 0
+    # Runs still in flight below a cancelled run: its cancel was cut short.
+    orphans_cancelled: int = 0
 
 
 def sweep_lock_key() -> str:
@@ -89,6 +92,7 @@ def _sweep() -> SweepReport:
         settled_followers=followers_orphaned(settings.SWEEP_BATCH),
         awoken=runs_wake_due(settings.SWEEP_BATCH),
         parents_resumed=parents_stranded(settings.SWEEP_BATCH),
+        orphans_cancelled=orphans_cancel(settings.SWEEP_BATCH),
     )
     backlog_recount()
     sweep_record(report)

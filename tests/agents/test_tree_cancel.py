@@ -12,6 +12,7 @@ from agentplatform.redis_client import redis_client
 from agents.models import Run, RunStatus
 from agents.runs import finish
 from agents.runs.cancellation import run_cancel
+from agents.runs.recovery import sweep
 from tests.factories import RunFactory
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -106,3 +107,17 @@ def test_a_worker_writing_children_meanwhile_neither_deadlocks_with_the_cancel_n
 
     assert errors == []
     assert set(Run.objects.filter(parent=parent).values_list("status", flat=True)) == {RunStatus.CANCELLED}
+
+
+def test_the_sweeper_cancels_what_a_cancel_cut_short_left_in_flight_below_a_cancelled_run():
+    parent, (queued, waiting) = fan_out(2)
+    Run.objects.filter(pk=waiting.pk).update(status=RunStatus.WAITING)
+    grandchild = RunFactory(parent=waiting, root=parent.pk, submitted_by=parent.submitted_by, input={"n": 9})
+    # The parent's own cancel was written, and then the process cancelling the runs below it died.
+    Run.objects.filter(pk=parent.pk).update(status=RunStatus.CANCELLED)
+
+    report = sweep()
+
+    assert report.orphans_cancelled == 3
+    statuses = dict(Run.objects.values_list("pk", "status"))
+    assert {statuses[run.pk] for run in (queued, waiting, grandchild)} == {RunStatus.CANCELLED}
