@@ -12,7 +12,7 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -102,16 +102,16 @@ def run_cancel(*, run: Run) -> Run:
     if not run_cancelled(run, announce=False):
         raise RunNotCancellable(run.status)
     try:
-        descendants_cancel(run.pk)
+        descendants_cancel([run.pk])
     finally:
         runs_announce([run])
     return run
 
 
-def descendants_cancel(run_id: Any) -> int:
-    """Cancel the runs below the run `run_id` (children, theirs, …) that have not ended, one level at a time:
+def descendants_cancel(run_ids: Sequence[Any]) -> int:
+    """Cancel the runs below the runs `run_ids` (children, theirs, …) that have not ended, one level at a time:
     a few statements and round trips per level and per CANCEL_CHUNK runs in it, not per run."""
-    cancelled, level = 0, [run_id]
+    cancelled, level = 0, list(run_ids)
     while level:
         below = []
         for start in range(0, len(level), CANCEL_CHUNK):
@@ -130,4 +130,4 @@ def orphans_cancel(limit: int) -> int:
     # Asked apart, each state is found through its own partial index instead of a scan of every run.
     for states in ([RunStatus.QUEUED, RunStatus.RUNNING], [RunStatus.WAITING]):
         parents.update(below.filter(status__in=states).values_list("parent_id", flat=True)[:limit])
-    return sum(descendants_cancel(parent) for parent in parents)
+    return descendants_cancel(list(parents)) if parents else 0
