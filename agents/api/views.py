@@ -38,8 +38,9 @@ from agents.models import Agent, Run
 from agents.registry import AGENT_NAME_PATTERN
 from agents.runs.cancellation import run_cancel
 from agents.runs.delegation import run_signal
-from agents.runs.selectors import run_list, run_tree, run_visible_to, run_wait
-from agents.runs.submit import run_submit, run_submit_many
+from agents.runs.selectors import run_list, run_tree, run_visible_to
+from agents.runs.submit import run_submit_many
+from agents.runs.waiting import run_submit_and_wait, run_wait
 from agents.stats import run_stats
 from scheduling.rate import Rate, rate_take
 
@@ -125,7 +126,7 @@ class RunListCreateView(generics.ListAPIView):
 
     @extend_schema(
         request=RunSubmitSerializer,
-        parameters=[RETRY_AFTER],
+        parameters=[RETRY_AFTER, RunWaitQuerySerializer],
         examples=[
             OpenApiExample(
                 "text_stats",
@@ -134,18 +135,27 @@ class RunListCreateView(generics.ListAPIView):
             )
         ],
         responses={
-            201: OpenApiResponse(RunSerializer, description="The run, queued (or answered from the result cache)."),
+            201: OpenApiResponse(
+                RunSerializer,
+                description="The run, queued (or answered from the result cache); with ?wait=N, as it stands once "
+                "it has finished or N seconds have passed.",
+            ),
             200: OpenApiResponse(RunSerializer, description="The run first submitted with this idempotency key."),
             **SUBMIT_ERRORS,
         },
     )
     def post(self, request: Request) -> Response:
-        """Submit a run. A repeated idempotency_key answers 200 with the first run."""
+        """Submit a run. A repeated idempotency_key answers 200 with the first run. With ?wait=N, answers as soon
+        as the run has finished or N seconds have passed, in one request."""
         refuse_oversized(request, settings.RUN_MAX_INPUT_BYTES + ENVELOPE_BYTES)
+        query = RunWaitQuerySerializer(data=request.query_params)
+        query.is_valid(raise_exception=True)
         body = RunSubmitSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         count_against_rate(request, 1)
-        run, created = run_submit(user=request.user, request=body.to_request(), as_caller=True)
+        run, created = run_submit_and_wait(
+            user=request.user, request=body.to_request(), timeout=query.validated_data["wait"]
+        )
         return Response(RunSerializer(run).data, status=status.HTTP_201_CREATED if created else status.HTTP_200_OK)
 
 

@@ -1,25 +1,17 @@
-"""Finding, listing and waiting on runs."""
+"""Finding and listing runs."""
 
 import functools
-import json
 import logging
-import time
 from dataclasses import dataclass
 from typing import Any
 
-import redis
 from django.db import connection
 from django.db.models import QuerySet
 
-from agentplatform import events
-from agentplatform.redis_client import redis_client
-from agents.models import Agent, Run, RunStatus
+from agents.models import Agent, Run
 from agents.runs.rows import RowReader
 
 logger = logging.getLogger(__name__)
-
-WAIT_RECHECK_SECONDS = 5.0
-WAIT_POLL_SECONDS = 0.5
 
 
 def run_visible_to(user) -> QuerySet[Run]:
@@ -76,67 +68,6 @@ def _visible_sql() -> str:
         f"JOIN {quote(Agent._meta.db_table)} a ON a.{quote('id')} = r.{quote('agent_id')} "
         f"WHERE r.{quote('id')} = %s AND (%s OR r.{quote('submitted_by_id')} = %s)"
     )
-
-
-def run_wait(*, run_id, user, timeout: float) -> Run:
-    """The run (Run.DoesNotExist if `user` may not see it) once it is terminal or `timeout` seconds have
-    passed, woken by its events.
-
-    While it waits it holds no database connection (a pooled one goes back to the pool), so
-    waiters never starve submissions of connections. With Redis unreachable, it reads the row
-    every WAIT_POLL_SECONDS instead.
-    """
-    if timeout <= 0:
-        return run_visible(run_id=run_id, user=user)
-    deadline = time.monotonic() + timeout
-    pubsub = redis_client().pubsub(ignore_subscribe_messages=True)
-    try:
-        pubsub.subscribe(events.run_channel(run_id))
-    except redis.RedisError as exc:
-        pubsub.close()
-        run = run_visible(run_id=run_id, user=user)
-        logger.warning("waiting on run %s by reading the database: Redis is unreachable (%s)", run_id, exc)
-        return _wait_polling(run, deadline, user=user)
-    try:
-        # Subscribed first: a run that ends after this read is heard of.
-        run = run_visible(run_id=run_id, user=user)
-        next_read = time.monotonic() + WAIT_RECHECK_SECONDS
-        while not run.is_terminal:
-            _connection_released()
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            try:
-                message = pubsub.get_message(timeout=min(remaining, 1.0))
-            except redis.RedisError as exc:
-                logger.warning("waiting on run %s by reading the database: Redis went away (%s)", run.pk, exc)
-                return _wait_polling(run, deadline, user=user)
-            woken = message is not None and json.loads(message["data"]).get("status") in RunStatus.terminal()
-            # The database is the truth: read it when woken, and now and then in case an event was lost.
-            if woken or time.monotonic() >= next_read:
-                run = run_visible(run_id=run.pk, user=user)
-                next_read = time.monotonic() + WAIT_RECHECK_SECONDS
-    finally:
-        pubsub.close()
-    return run
-
-
-def _wait_polling(run: Run, deadline: float, *, user) -> Run:
-    while not run.is_terminal:
-        _connection_released()
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            break
-        time.sleep(min(remaining, WAIT_POLL_SECONDS))
-        run = run_visible(run_id=run.pk, user=user)
-    return run
-
-
-def _connection_released() -> None:
-    """Hand this thread's database connection back while it waits; the next read takes one again."""
-    # Inside a transaction the connection holds the transaction's state: it cannot be given back.
-    if not connection.in_atomic_block:
-        connection.close()
 
 
 def run_children_by_status(run: Run) -> dict[str, int]:

@@ -68,6 +68,8 @@ class RunRequest:
     expires_at: datetime | None = None
     # "use": answer from the result cache when it holds this input; "bypass": always run.
     cache: str = "use"
+    # The id the new run takes, for code that listens for the run before it exists; a new one if not given.
+    run_id: uuid.UUID | None = None
 
 
 def input_errors(exc: ValidationError) -> dict[str, list[str]]:
@@ -239,6 +241,7 @@ def _build_run(
         agent=agent,
         submitted_by=user,
         parent=parent,
+        **({"id": request.run_id} if request.run_id is not None else {}),
         agent_version=spec.version,
         tier=tier,
         # Computed fields are output: stored, they would be undeclared fields when the input is read back.

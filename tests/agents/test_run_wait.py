@@ -10,7 +10,7 @@ from django.test.utils import CaptureQueriesContext
 
 from agentplatform import events
 from agents.models import Run, RunStatus
-from agents.runs.selectors import run_wait
+from agents.runs.waiting import run_wait
 from tests.factories import RunFactory
 
 pytestmark = pytest.mark.usefixtures("transactional_db")
