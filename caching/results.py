@@ -15,6 +15,7 @@ import redis
 
 from agentplatform.metrics import cache_lookups_record
 from agentplatform.redis_client import redis_client, redis_delete_matching, redis_key
+from scheduling.rate import RateCharge
 
 logger = logging.getLogger(__name__)
 
@@ -34,17 +35,29 @@ class CachedResult:
     result: Any
 
 
-def result_cache_get_many(entries: list[tuple[str, str, Any]]) -> list[CachedResult | None]:
-    """Look up (agent, version, input) entries in one round trip; None for a miss."""
+def result_cache_get_many(
+    entries: list[tuple[str, str, Any]], *, charge: RateCharge | None = None
+) -> list[CachedResult | None]:
+    """Look up (agent, version, input) entries in one round trip; None for a miss. A rate `charge` not yet
+    settled rides on the round trip and is settled with it (RateExceeded)."""
     if not entries:
         return []
     keys = [result_key(agent, version, input_hash(input)) for agent, version, input in entries]
+    riding = charge is not None and not charge.settled
+    pipe = redis_client().pipeline(transaction=False)
+    if riding:
+        charge.queue(pipe)
+    pipe.mget(keys)
     try:
-        stored = redis_client().mget(keys)
+        *rate_replies, stored = pipe.execute()
     except redis.RedisError:
         # The cache is an optimisation: without it the runs simply execute.
         logger.exception("result cache lookup failed")
+        if riding:
+            charge.settle(None)
         return [None] * len(entries)
+    if riding:
+        charge.settle(rate_replies)
     cache_lookups_record([agent for agent, _, _ in entries], stored)
     return [CachedResult(json.loads(value)["result"]) if value is not None else None for value in stored]
 

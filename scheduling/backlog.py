@@ -12,10 +12,14 @@ counters drift for seconds at most.
 import logging
 from collections import Counter
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import redis
 
 from agentplatform.redis_client import redis_client, redis_key
+
+if TYPE_CHECKING:
+    from scheduling.rate import RateCharge
 
 logger = logging.getLogger(__name__)
 
@@ -43,22 +47,39 @@ def backlog_fields(*, tier: str, agent: str, user: object | None) -> tuple[str, 
     return tier_field(tier), agent_field(agent), user_field(user, tier)
 
 
-def backlog_reserve(deltas: Counter[str], *, also: Iterable[str] = ()) -> dict[str, int] | None:
+def backlog_reserve(
+    deltas: Counter[str], *, also: Iterable[str] = (), charge: "RateCharge | None" = None
+) -> dict[str, int] | None:
     """Add `deltas` and read the counters, in one round trip: each counter as it stood before the
-    addition, for the fields of `deltas` and of `also`. None when Redis cannot say (nothing added)."""
+    addition, for the fields of `deltas` and of `also`. None when Redis cannot say (nothing added).
+
+    A rate `charge` not yet settled rides on the round trip; over the rate, the reservation is taken
+    back and RateExceeded raised."""
     fields = [field for field in deltas if field] + [field for field in also if field not in deltas]
+    riding = charge is not None and not charge.settled
     pipe = redis_client().pipeline(transaction=True)
+    if riding:
+        charge.queue(pipe)
     for field in fields:
         if field in deltas:
             pipe.hincrby(backlog_key(), field, deltas[field])
         else:
             pipe.hget(backlog_key(), field)
     try:
-        values = pipe.execute()
+        replies = pipe.execute()
     except redis.RedisError as exc:
         # Admission fails open: a submission is stored without Redis, and the sweeper recounts.
         logger.warning("could not reserve places in the backlog (%s); admitting without counting them", exc)
+        if riding:
+            charge.settle(None)
         return None
+    values = replies[charge.COMMANDS :] if riding else replies
+    if riding:
+        try:
+            charge.settle(replies[: charge.COMMANDS])
+        except BaseException:
+            backlog_release(deltas)
+            raise
     return {field: max(int(value or 0) - deltas.get(field, 0), 0) for field, value in zip(fields, values, strict=True)}
 
 

@@ -2,15 +2,18 @@
 
 Two counters per user: this window's and the last one's. The rate seen now is this window's count
 plus the share of the last window that still lies within one window of now, which smooths the
-burst a fixed window allows at its edge. One round trip per submission; one more to give the
-runs back when it is refused.
+burst a fixed window allows at its edge. A submission's count rides on the first round trip it makes
+to Redis anyway (its result-cache lookup or its backlog reservation), or takes one of its own; one
+more gives the runs back when it is refused.
 """
 
 import logging
 import math
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 
@@ -49,34 +52,57 @@ def rate_key(who: object, window: int) -> str:
     return redis_key("rate", who, window)
 
 
-def rate_take(*, who: object, runs: int, rate: Rate) -> None:
-    """Count `runs` against `who`'s rate, or raise RateExceeded and count nothing. Without Redis, lets them in."""
-    now = time.time()
-    window, into = divmod(now, rate.seconds)
-    current, previous = rate_key(who, int(window)), rate_key(who, int(window) - 1)
-    client = redis_client()
-    pipe = client.pipeline(transaction=False)
-    pipe.incrby(current, runs)
-    pipe.expire(current, 2 * rate.seconds)
-    pipe.get(previous)
-    try:
-        counted, _, before = pipe.execute()
-    except redis.RedisError as exc:
-        logger.warning("could not count a submission against its rate (%s); letting it in", exc)
-        return
-    overlap = 1 - into / rate.seconds
-    seen = counted + int(before or 0) * overlap
-    if seen <= rate.runs:
-        return
-    try:
-        client.decrby(current, runs)
-    except redis.RedisError as exc:
-        logger.warning("could not give back refused runs to their rate (%s)", exc)
-    # The last window's share shrinks as time passes: wait until enough of it has gone.
-    excess = seen - rate.runs
-    rate_refused_record(runs)
-    wait = rate.seconds - into if not before else min(rate.seconds - into, excess / int(before) * rate.seconds)
-    raise RateExceeded(
-        f"{runs} more runs would pass your rate of {rate.runs} per {rate.seconds}s.",
-        retry_after=max(1, math.ceil(wait)),
-    )
+class RateCharge:
+    """`runs` to count against `who`'s rate: queued on a round trip the caller makes anyway, then settled
+    with that round trip's replies (RateExceeded, counting nothing, when they are over the rate)."""
+
+    # What `queue` adds to a pipeline, in front of the caller's own commands.
+    COMMANDS = 3
+
+    def __init__(self, *, who: object, runs: int, rate: Rate) -> None:
+        self.who, self.runs, self.rate = who, runs, rate
+        self.settled = False
+
+    def queue(self, pipe: redis.client.Pipeline) -> None:
+        """Queue the count on `pipe`: COMMANDS commands, whose replies go to `settle`."""
+        window, self._into = divmod(time.time(), self.rate.seconds)
+        self._current = rate_key(self.who, int(window))
+        pipe.incrby(self._current, self.runs)
+        pipe.expire(self._current, 2 * self.rate.seconds)
+        pipe.get(rate_key(self.who, int(window) - 1))
+
+    def settle(self, replies: Sequence[Any] | None) -> None:
+        """Judge the count from its replies; None when the round trip failed, which lets the runs in."""
+        self.settled = True
+        if replies is None:
+            logger.warning("could not count a submission against its rate; letting it in")
+            return
+        counted, _, before = replies
+        rate, into = self.rate, self._into
+        seen = counted + int(before or 0) * (1 - into / rate.seconds)
+        if seen <= rate.runs:
+            return
+        try:
+            redis_client().decrby(self._current, self.runs)
+        except redis.RedisError as exc:
+            logger.warning("could not give back refused runs to their rate (%s)", exc)
+        # The last window's share shrinks as time passes: wait until enough of it has gone.
+        excess = seen - rate.runs
+        rate_refused_record(self.runs)
+        wait = rate.seconds - into if not before else min(rate.seconds - into, excess / int(before) * rate.seconds)
+        raise RateExceeded(
+            f"{self.runs} more runs would pass your rate of {rate.runs} per {rate.seconds}s.",
+            retry_after=max(1, math.ceil(wait)),
+        )
+
+    def take(self) -> None:
+        """Count the runs in a round trip of their own."""
+        pipe = redis_client().pipeline(transaction=False)
+        self.queue(pipe)
+        try:
+            replies = pipe.execute()
+        except redis.RedisError as exc:
+            logger.warning("could not count a submission against its rate (%s); letting it in", exc)
+            self.settled = True
+            return
+        self.settle(replies)

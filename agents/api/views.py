@@ -42,7 +42,7 @@ from agents.runs.selectors import run_list, run_tree, run_visible_to
 from agents.runs.submit import run_submit_many
 from agents.runs.waiting import run_submit_and_wait, run_wait
 from agents.stats import run_stats
-from scheduling.rate import Rate, rate_take
+from scheduling.rate import Rate, RateCharge
 
 # Room for the fields around a maximal input in a single submission.
 ENVELOPE_BYTES = 16 * 1024
@@ -101,9 +101,9 @@ def submit_rate(text: str) -> Rate:
     return Rate.parse(text)
 
 
-def count_against_rate(request: Request, runs: int) -> None:
+def rate_charge(request: Request, runs: int) -> RateCharge:
     """Each run submitted counts against the user's submission rate (RateExceeded answers 429)."""
-    rate_take(who=request.user.pk, runs=runs, rate=submit_rate(settings.API_SUBMIT_RATE))
+    return RateCharge(who=request.user.pk, runs=runs, rate=submit_rate(settings.API_SUBMIT_RATE))
 
 
 class RunListCreateView(generics.ListAPIView):
@@ -152,9 +152,11 @@ class RunListCreateView(generics.ListAPIView):
         query.is_valid(raise_exception=True)
         body = RunSubmitSerializer(data=request.data)
         body.is_valid(raise_exception=True)
-        count_against_rate(request, 1)
         run, created = run_submit_and_wait(
-            user=request.user, request=body.to_request(), timeout=query.validated_data["wait"]
+            user=request.user,
+            request=body.to_request(),
+            timeout=query.validated_data["wait"],
+            charge=rate_charge(request, 1),
         )
         return Response(RunSerializer(run).data, status=status.HTTP_201_CREATED if created else status.HTTP_200_OK)
 
@@ -180,8 +182,9 @@ class RunBatchView(APIView):
         body = RunBatchSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         requests = body.to_requests()
-        count_against_rate(request, len(requests))
-        outcome = run_submit_many(user=request.user, requests=requests, as_caller=True)
+        outcome = run_submit_many(
+            user=request.user, requests=requests, as_caller=True, charge=rate_charge(request, len(requests))
+        )
         return Response(RunSerializer([run for run, _ in outcome], many=True).data, status=status.HTTP_201_CREATED)
 
 

@@ -36,6 +36,7 @@ from agents.runs.inflight import leader_take_over, leaders_release
 from caching.results import result_cache_get_many, result_cache_store
 from scheduling.backlog import agent_field, backlog_add, tier_field
 from scheduling.concurrency import slot_release
+from scheduling.rate import RateCharge
 from scheduling.retries import retry_delay
 from scheduling.sla import sla_outcome
 from scheduling.tiers import Tier
@@ -406,9 +407,10 @@ def shared_answer(run: Run, *, result: Any, now: datetime) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def runs_answer_from_cache(runs: list[Run]) -> list[Run]:
-    """Before insert: answer the runs (of cacheable agents) whose result is cached; returns those answered."""
-    hits = result_cache_get_many([(run.agent.name, run.agent_version, run.input) for run in runs])
+def runs_answer_from_cache(runs: list[Run], *, charge: RateCharge | None = None) -> list[Run]:
+    """Before insert: answer the runs (of cacheable agents) whose result is cached; returns those answered.
+    A rate `charge` not yet settled rides on the lookup."""
+    hits = result_cache_get_many([(run.agent.name, run.agent_version, run.input) for run in runs], charge=charge)
     now = timezone.now()
     answered = []
     for run, hit in zip(runs, hits, strict=True):

@@ -34,6 +34,7 @@ from agents.stats import admission_refusals_record
 from agents.tuning import agents_named
 from scheduling.admission import HIGHER_TIERS, AdmissionRefused, Backlog, admission_check, share_check, share_limit
 from scheduling.backlog import agent_field, backlog_fields, backlog_release, backlog_reserve, tier_field, user_field
+from scheduling.rate import RateCharge
 from scheduling.sla import escalation_due, run_deadline
 from scheduling.tiers import Tier
 
@@ -300,11 +301,17 @@ _RUN_CONSTANT_DEFAULTS = {field.attname: field.get_default() for field in _RUN_F
 
 
 def run_submit(
-    *, user, request: RunRequest, parent: Run | None = None, as_caller: bool = False, inherits: bool = True
+    *,
+    user,
+    request: RunRequest,
+    parent: Run | None = None,
+    as_caller: bool = False,
+    inherits: bool = True,
+    charge: RateCharge | None = None,
 ) -> tuple[Run, bool]:
     """Create and dispatch one run; returns (run, created). A repeated idempotency key returns the first run."""
     ((run, created),) = run_submit_many(
-        user=user, requests=[request], parent=parent, as_caller=as_caller, inherits=inherits
+        user=user, requests=[request], parent=parent, as_caller=as_caller, inherits=inherits, charge=charge
     )
     return run, created
 
@@ -317,6 +324,7 @@ def run_submit_many(
     as_caller: bool = False,
     parent_round: int | None = None,
     inherits: bool = True,
+    charge: RateCharge | None = None,
 ) -> list[tuple[Run, bool]]:
     """Create runs for all requests in one transaction and dispatch them together, or reject them all.
 
@@ -333,6 +341,8 @@ def run_submit_many(
 
     A RunRejected for a batch names the failing item by its index: {"runs": {"3": {"input": [...]}}}.
     An idempotency key already used for another agent, input or tier raises IdempotencyConflict.
+    A rate `charge` is settled (RateExceeded) once the runs are found valid and before any is stored,
+    in the first round trip the submission makes to Redis.
     """
     agents = agents_named({request.agent for request in requests if isinstance(request.agent, str)})
     # Asked once per submission, and only if a run would go to the critical tier.
@@ -363,14 +373,18 @@ def run_submit_many(
     # Runs that may share work: answered from the result cache, or following an identical run in flight.
     pairs = zip(built, requests, strict=True)
     shareable = [run for run, request in pairs if request.cache != "bypass" and run.agent.cache_ttl > 0]
-    runs_answer_from_cache(shareable)
+    runs_answer_from_cache(shareable, charge=charge)
     shareable_ids = {run.pk for run in shareable}
     admitted = parent_round is not None
     try:
-        return _insert_runs(user=user, runs=built, shareable=shareable_ids, tier_given=tier_given, admitted=admitted)
+        return _insert_runs(
+            user=user, runs=built, shareable=shareable_ids, tier_given=tier_given, admitted=admitted, charge=charge
+        )
     except IntegrityError:
         # Another request inserted one of these idempotency keys first; now it is found.
-        return _insert_runs(user=user, runs=built, shareable=shareable_ids, tier_given=tier_given, admitted=admitted)
+        return _insert_runs(
+            user=user, runs=built, shareable=shareable_ids, tier_given=tier_given, admitted=admitted, charge=charge
+        )
 
 
 def _same_request(first: Run, run: Run, *, tier_given: bool) -> bool:
@@ -396,7 +410,7 @@ def _repeated_keys_agree(runs: list[Run]) -> None:
 
 
 def _insert_runs(
-    *, user, runs: list[Run], shareable: set, tier_given: set, admitted: bool = False
+    *, user, runs: list[Run], shareable: set, tier_given: set, admitted: bool = False, charge: RateCharge | None = None
 ) -> list[tuple[Run, bool]]:
     keys = {run.idempotency_key for run in runs if run.idempotency_key}
     # Only a lookup of idempotency keys must share a transaction with the insert; a lone INSERT is
@@ -427,7 +441,10 @@ def _insert_runs(
         runs_follow_inflight([run for run in queued if run.pk in shareable])
         # A follower takes no worker, so only the runs that will execute count against the backlog.
         executing = [run for run in queued if run.follows_id is None]
-        reserved = _admit(executing, check=not admitted)
+        reserved = _admit(executing, check=not admitted, charge=charge)
+        if charge is not None and not charge.settled:
+            # No round trip came before the insert for the charge to ride on.
+            charge.take()
         try:
             runs_insert(new_runs)
         except BaseException:
@@ -516,7 +533,7 @@ def _conflict(first: Run, *, index: int | None) -> IdempotencyConflict:
     return IdempotencyConflict(errors if index is None else {"runs": {str(index): errors}})
 
 
-def _admit(runs: list[Run], *, check: bool = True) -> Counter[str]:
+def _admit(runs: list[Run], *, check: bool = True, charge: RateCharge | None = None) -> Counter[str]:
     """Reserve the runs' places in their tier's, agent's and submitter's backlog, or refuse them all
     (AdmissionRefused).
 
@@ -527,7 +544,7 @@ def _admit(runs: list[Run], *, check: bool = True) -> Counter[str]:
         for field in backlog_fields(tier=run.tier, agent=run.agent.name, user=run.submitted_by_id):
             reserved[field] += 1
     higher = {tier_field(other) for run in runs for other in HIGHER_TIERS[Tier(run.tier)]}
-    counts = backlog_reserve(reserved, also=higher) if runs else None
+    counts = backlog_reserve(reserved, also=higher, charge=charge) if runs else None
     if counts is None or not check:
         return reserved if counts is not None else Counter()
     try:

@@ -20,6 +20,7 @@ from agentplatform.redis_client import redis_client
 from agents.models import Run, RunStatus
 from agents.runs.selectors import run_visible
 from agents.runs.submit import RunRequest, run_submit
+from scheduling.rate import RateCharge
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,9 @@ def run_wait(*, run_id, user, timeout: float) -> Run:
         pubsub.close()
 
 
-def run_submit_and_wait(*, user, request: RunRequest, timeout: float) -> tuple[Run, bool]:
+def run_submit_and_wait(
+    *, user, request: RunRequest, timeout: float, charge: RateCharge | None = None
+) -> tuple[Run, bool]:
     """Submit a run for its caller (as run_submit with as_caller) and answer once it is terminal or `timeout`
     seconds have passed; returns (run, created).
 
@@ -56,12 +59,14 @@ def run_submit_and_wait(*, user, request: RunRequest, timeout: float) -> tuple[R
     request of the database, while a worker claims and executes the run.
     """
     if timeout <= 0:
-        return run_submit(user=user, request=request, as_caller=True)
+        return run_submit(user=user, request=request, as_caller=True, charge=charge)
     deadline = time.monotonic() + timeout
     run_id = uuid.uuid4()
     pubsub = _listening(run_id)
     try:
-        run, created = run_submit(user=user, request=dataclasses.replace(request, run_id=run_id), as_caller=True)
+        run, created = run_submit(
+            user=user, request=dataclasses.replace(request, run_id=run_id), as_caller=True, charge=charge
+        )
         if run.pk != run_id:
             # A repeated idempotency key answers with the run first submitted with it: wait on that one.
             remaining = max(deadline - time.monotonic(), 0)

@@ -7,6 +7,7 @@ import pytest
 from agentplatform.redis_client import redis_client
 from agents.models import Agent, Run, RunStatus
 from agents.runs.recovery import backlog_recount
+from caching.results import result_cache_put
 from scheduling.backlog import backlog_key, user_field
 from tests.factories import RunFactory, UserFactory
 from tests.polling import eventually
@@ -114,6 +115,38 @@ def test_the_submission_rate_counts_runs_not_requests(api, settings):
     assert (first.status_code, second.status_code, single.status_code) == (201, 429, 201)
     assert "rate of 5" in second.json()["detail"]
     assert Run.objects.count() == 5
+
+
+def test_a_submission_refused_for_the_rate_holds_no_place_in_the_backlog(api, settings):
+    settings.API_SUBMIT_RATE = "0/minute"
+
+    response = submit(api)
+
+    assert response.status_code == 429
+    # the place reserved in the same round trip as the rate's count is given back
+    assert int(redis_client().hget(backlog_key(), user_field(api.user.pk, "standard")) or 0) == 0
+    assert not Run.objects.exists()
+
+
+def test_answers_from_the_result_cache_count_against_the_submission_rate(api, settings):
+    settings.API_SUBMIT_RATE = "2/minute"
+    version = Agent.objects.get(name="factorize").version
+    result_cache_put(agent="factorize", version=version, input={"n": 10403}, result={"factors": [101, 103]}, ttl=60)
+
+    responses = [submit(api, agent="factorize", input={"n": 10403}) for _ in range(3)]
+
+    assert [response.status_code for response in responses] == [201, 201, 429]
+    assert [response.json()["cached"] for response in responses[:2]] == [True, True]
+    assert Run.objects.count() == 2
+
+
+def test_an_invalid_submission_does_not_count_against_the_submission_rate(api, settings):
+    settings.API_SUBMIT_RATE = "1/minute"
+
+    refused = submit(api, agent="no.such.agent")
+    accepted = submit(api)
+
+    assert (refused.status_code, accepted.status_code) == (400, 201)
 
 
 def test_a_user_over_their_share_of_the_tier_backlog_gets_429_naming_the_share_with_retry_after(api, limits):

@@ -10,14 +10,15 @@ from django.test.utils import CaptureQueriesContext
 
 from agentplatform import events
 from agentplatform.redis_client import redis_client
-from agents.models import Run, RunStatus
+from agents.models import Agent, Run, RunStatus
 from agents.runs.execute import runs_execute
+from caching.results import result_cache_put
 from tests.factories import RunFactory
 
 RUNS = "/api/v1/runs/"
 
 
-def test_submitting_one_run_through_the_api_costs_three_statements_and_three_redis_round_trips(
+def test_submitting_one_run_through_the_api_costs_three_statements_and_two_redis_round_trips(
     transactional_db, api, redis_round_trips
 ):
     api.post(RUNS, {"agent": "echo", "input": {}}, format="json")  # the first request warms per-process caches
@@ -29,8 +30,27 @@ def test_submitting_one_run_through_the_api_costs_three_statements_and_three_red
     assert response.status_code == 201
     # token, agent, insert: a lone insert needs no transaction around it
     assert len(queries) <= 3, [query["sql"][:60] for query in queries]
-    # rate; backlog reservation; events, message markers and the message
-    assert len(redis_round_trips) <= 3, redis_round_trips.calls
+    # backlog reservation with the rate; events, message markers and the message
+    assert len(redis_round_trips) <= 2, redis_round_trips.calls
+
+
+def test_a_cached_answer_through_the_api_costs_one_statement_and_two_redis_round_trips(
+    transactional_db, api, settings, redis_round_trips
+):
+    settings.API_TOKEN_CACHE_SECONDS = settings.AGENT_TUNING_CACHE_SECONDS = 60
+    agent = Agent.objects.get(name="factorize")
+    result_cache_put(agent="factorize", version=agent.version, input={"n": 8633}, result={"factors": [89, 97]}, ttl=60)
+    api.post(RUNS, {"agent": "factorize", "input": {"n": 8633}}, format="json")
+    redis_round_trips.calls.clear()
+
+    with CaptureQueriesContext(connection) as queries:
+        response = api.post(RUNS, {"agent": "factorize", "input": {"n": 8633}}, format="json")
+
+    assert response.json()["cached"] is True
+    # the insert of the answered run
+    assert len(queries) == 1, [query["sql"][:60] for query in queries]
+    # the cache lookup with the rate; its events
+    assert len(redis_round_trips) <= 2, redis_round_trips.calls
 
 
 def test_with_the_tokens_and_agents_a_process_keeps_a_submission_costs_one_statement(transactional_db, api, settings):
@@ -68,7 +88,7 @@ def test_a_batch_submission_costs_the_same_round_trips_as_one_run(transactional_
     assert response.status_code == 201
     assert len([query for query in queries if not query["sql"].startswith(("BEGIN", "COMMIT", "SAVEPOINT"))]) <= 3
     # as for one run: 200 runs travel in two messages, published with their markers
-    assert len(redis_round_trips) <= 3, redis_round_trips.calls
+    assert len(redis_round_trips) <= 2, redis_round_trips.calls
 
 
 @pytest.mark.parametrize("runs_in_message", [1, 100])
