@@ -9,6 +9,7 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
 from agentplatform import events
+from agentplatform.redis_client import redis_client
 from agents.models import Run, RunStatus
 from agents.runs.waiting import run_wait
 from tests.factories import RunFactory
@@ -60,3 +61,14 @@ def test_a_waiter_is_woken_by_its_own_runs_end():
 
     assert finished.status == RunStatus.SUCCEEDED
     assert time.monotonic() - started < 3
+
+
+def test_a_wait_leaves_the_connections_of_commands_connected():
+    run = RunFactory(status=RunStatus.QUEUED)
+    client = redis_client()
+    connection_before = client.client_id()
+
+    run_wait(run_id=run.pk, user=run.submitted_by, timeout=0.05)
+
+    # the subscription's connection, disconnected as it closed, was not one that commands take
+    assert client.client_id() == connection_before
