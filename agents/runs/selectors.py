@@ -1,7 +1,6 @@
 """Finding and listing runs."""
 
 import functools
-import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,8 +9,6 @@ from django.db.models import QuerySet
 
 from agents.models import Agent, Run
 from agents.runs.rows import RowReader
-
-logger = logging.getLogger(__name__)
 
 
 def run_visible_to(user) -> QuerySet[Run]:

@@ -69,8 +69,10 @@ def run_submit_and_wait(
         )
         if run.pk != run_id:
             # A repeated idempotency key answers with the run first submitted with it: wait on that one.
-            remaining = max(deadline - time.monotonic(), 0)
-            return run_wait(run_id=run.pk, user=user, timeout=remaining) if remaining else run, created
+            if pubsub is not None:
+                pubsub.close()
+                pubsub = None
+            return run_wait(run_id=run.pk, user=user, timeout=deadline - time.monotonic()), created
         if pubsub is None:
             return _wait_polling(run, deadline, user=user), created
         return _waited(run, pubsub, deadline, user=user), created
