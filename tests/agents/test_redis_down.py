@@ -90,6 +90,23 @@ def test_waiting_on_a_run_while_redis_is_down_reads_the_database(api):
     assert time.monotonic() - began < 10
 
 
+@pytest.mark.usefixtures("transactional_db", "redis_unreachable")
+def test_submitting_and_waiting_while_redis_is_down_reads_the_database(api):
+    def finish() -> None:
+        Run.objects.filter(status=RunStatus.QUEUED).update(
+            status=RunStatus.SUCCEEDED, result={"n": 1}, finished_at=timezone.now()
+        )
+        connection.close()
+
+    began = time.monotonic()
+    threading.Timer(0.5, finish).start()
+    response = api.post("/api/v1/runs/?wait=10", {"agent": "echo", "input": {"n": 1}}, format="json")
+
+    assert response.status_code == 201
+    assert (response.json()["status"], response.json()["result"]) == ("succeeded", {"n": 1})
+    assert time.monotonic() - began < 10
+
+
 @pytest.mark.slow
 @pytest.mark.usefixtures("transactional_db", "workers")
 def test_runs_accepted_while_redis_was_down_are_dispatched_once_it_is_back(api, settings):
