@@ -6,7 +6,6 @@ reads the row every WAIT_POLL_SECONDS instead.
 """
 
 import dataclasses
-import json
 import logging
 import time
 import uuid
@@ -106,7 +105,8 @@ def _waited(run: Run, pubsub: PubSub, deadline: float, *, user) -> Run:
         except redis.RedisError as exc:
             logger.warning("waiting on run %s by reading the database: Redis went away (%s)", run.pk, exc)
             return _wait_polling(run, deadline, user=user)
-        woken = message is not None and json.loads(message["data"]).get("status") in RunStatus.terminal()
+        heard = events.events_of_message(message["data"]) if message is not None else ()
+        woken = any(event.get("status") in RunStatus.terminal() for event in heard)
         # The database is the truth: read it when woken, and now and then in case an event was lost.
         if woken or time.monotonic() >= next_read:
             run = run_visible(run_id=run.pk, user=user)
