@@ -123,17 +123,20 @@ class Processes:
         self.started.append(process)
         return process
 
-    def stop_all(self) -> None:
-        for process in self.started:
+    def stop(self, *processes: subprocess.Popen) -> None:
+        for process in processes:
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGTERM)
-        for process in self.started:
+        for process in processes:
             try:
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
-        self.started.clear()
+            self.started.remove(process)
+
+    def stop_all(self) -> None:
+        self.stop(*self.started)
 
 
 def wait_for_port(port: int, seconds: float = 60) -> None:

@@ -32,40 +32,11 @@ from bench.stack import Api, Processes, configure, start_platform, throwaway
 
 configure(TIER_BACKLOG_LIMIT_STANDARD="1000000")
 
-RAW_WORKER = "raw"
 WARM_UP_RUNS = 20
 POLL_SECONDS = 0.2
 
 
 # --- raw Celery -------------------------------------------------------------------------------
-
-
-def wait_for_raw_worker(seconds: float = 60) -> None:
-    from bench.raw_celery_app import app
-
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        replies = app.control.ping(timeout=1.0) or []
-        if any(name.split("@")[0] == RAW_WORKER for reply in replies for name in reply):
-            return
-    raise RuntimeError("the raw Celery worker did not answer ping")
-
-
-def delete_raw_keys() -> int:
-    """Delete the raw app's queues, bindings and stored results; returns how many keys went."""
-    import redis
-
-    from bench.raw_celery_app import KEY_PREFIX, REDIS_URL
-
-    client = redis.Redis.from_url(REDIS_URL)
-    deleted = 0
-    try:
-        keys = list(client.scan_iter(match=f"{KEY_PREFIX}*", count=1000))
-        for offset in range(0, len(keys), 1000):
-            deleted += client.delete(*keys[offset : offset + 1000])
-    finally:
-        client.close()
-    return deleted
 
 
 def latest_date_done(task_ids: list[str]) -> float:
@@ -93,15 +64,9 @@ def latest_date_done(task_ids: list[str]) -> float:
 def bench_raw(runs: int, processes: Processes) -> dict:
     from celery.result import ResultSet
 
-    from bench.raw_celery_app import app, noop
+    from bench.raw_celery_app import app, noop, raw_worker
 
-    processes.start(
-        [sys.executable, "-m", "celery", "-A", "bench.raw_celery_app", "worker", "-c", "2", "--pool", "prefork",
-         "--without-gossip", "--without-mingle", "-n", f"{RAW_WORKER}@%h", "--loglevel", "WARNING"],
-        log="raw",
-    )  # fmt: skip
-    try:
-        wait_for_raw_worker()
+    with raw_worker(processes):
         ResultSet([noop.apply_async() for _ in range(WARM_UP_RUNS)]).join_native(timeout=60)
 
         with app.producer_or_acquire() as producer:
@@ -111,9 +76,6 @@ def bench_raw(runs: int, processes: Processes) -> dict:
         ResultSet(results).join_native(timeout=120 + runs / 10)
         joined = time.time()
         last_done = latest_date_done([result.id for result in results])
-    finally:
-        processes.stop_all()
-        delete_raw_keys()
     return {
         "runs": runs,
         "accept_rate": runs / (sent - first_send),
