@@ -221,6 +221,11 @@ RUN_WAIT_MAX_SECONDS = env_float("RUN_WAIT_MAX_SECONDS", 30)
 RUN_TREE_MAX_RUNS = env_int("RUN_TREE_MAX_RUNS", 10_000)
 # Runs dispatched together travel together: one message carries up to this many run ids of one tier.
 RUN_MESSAGE_MAX_RUNS = env_int("RUN_MESSAGE_MAX_RUNS", 100)
+# A lone run's message is sent while its row is inserted, and a worker that gets it before the row is
+# committed waits this long for the row before it drops the message (the sweeper sends a run it finds
+# without one). Off, every message is sent once its runs are committed.
+RUN_MESSAGE_AHEAD = env_bool("RUN_MESSAGE_AHEAD", True)
+RUN_MESSAGE_AHEAD_WAIT_SECONDS = env_float("RUN_MESSAGE_AHEAD_WAIT_SECONDS", 1.0)
 # A worker runs a message's runs one after another; once this long has passed, it hands the runs it
 # has not started back to the queue (in two messages, so that other processes share them).
 RUN_MESSAGE_SLICE_SECONDS = env_float("RUN_MESSAGE_SLICE_SECONDS", 0.1)

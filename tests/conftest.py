@@ -16,6 +16,7 @@ from rest_framework.test import APIClient
 
 from agentplatform.celery import HOUSEKEEPING_QUEUE
 from agentplatform.redis_client import redis_client
+from agents.runs.dispatch import MessageAhead
 from agents.sync import agent_sync_registry
 from scheduling.backlog import backlog_key
 from scheduling.tiers import Tier
@@ -155,8 +156,16 @@ def redis_round_trips(monkeypatch) -> RoundTrips:
         trips.calls.append(f"pipeline({len(self.command_stack)})")
         return pipeline(self, *args, **options)
 
+    send_ahead = MessageAhead.send.__func__
+
+    def counted_send_ahead(cls, run):
+        # Written without waiting; its replies are read after the insert: a round trip all the same.
+        trips.calls.append("message sent ahead")
+        return send_ahead(cls, run)
+
     monkeypatch.setattr(redis.Redis, "execute_command", counted_command)
     monkeypatch.setattr(redis.client.Pipeline, "execute", counted_pipeline)
+    monkeypatch.setattr(MessageAhead, "send", classmethod(counted_send_ahead))
     return trips
 
 

@@ -15,6 +15,7 @@ The sweeper re-sends a queued run only when neither a marker nor the broker show
 
 import contextlib
 import json
+import logging
 import math
 import time
 import uuid
@@ -23,6 +24,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
 from functools import lru_cache, partial
+from typing import Any
 
 import redis
 from celery import signals
@@ -34,6 +36,8 @@ from kombu.utils import json as kombu_json
 from agentplatform.celery import app
 from agentplatform.redis_client import redis_client, redis_key
 from scheduling.tiers import Tier
+
+logger = logging.getLogger(__name__)
 
 EXECUTE_RUN_TASK = "agents.execute_run"
 # Messages read from the broker per command while looking for the runs it carries.
@@ -94,7 +98,7 @@ def run_dispatch(
         for message in messages_of(queued, size)
     ]
     try:
-        if _broker_is_platform_redis():
+        if broker_is_platform_redis():
             published = [
                 message_publish(pipe, queue=queue, run_ids=run_ids, time_limit=time_limit, countdown=countdown)
                 for queue, run_ids, time_limit in messages
@@ -115,7 +119,7 @@ def run_dispatch(
         raise
 
 
-def _broker_is_platform_redis() -> bool:
+def broker_is_platform_redis() -> bool:
     return app.conf.broker_url == settings.REDIS_URL
 
 
@@ -131,6 +135,16 @@ def message_publish(
     are sent as Celery sends them, for whatever instruments them: `before_task_publish` now, and
     `after_task_publish` by the returned call.
     """
+    payload, announce = _message(queue=queue, run_ids=run_ids, time_limit=time_limit, countdown=countdown)
+    # Runs are published without a priority: each tier's queue is one list, named as kombu names it.
+    pipe.lpush(settings.REDIS_KEY_PREFIX + queue, payload)
+    return announce
+
+
+def _message(
+    *, queue: str, run_ids: list[str], time_limit: float, countdown: float | None
+) -> tuple[str, Callable[[], None]]:
+    """The message of `run_ids` as kombu's Redis transport stores it, and what to call once it is sent."""
     task_id = str(uuid.uuid4())
     headers, properties, body, _ = app.amqp.as_task_v2(
         task_id, EXECUTE_RUN_TASK, args=run_ids, countdown=countdown, time_limit=time_limit,
@@ -154,12 +168,90 @@ def message_publish(
             "delivery_tag": str(uuid.uuid4()),
         },
     }
-    # Runs are published without a priority: each tier's queue is one list, named as kombu names it.
-    pipe.lpush(settings.REDIS_KEY_PREFIX + queue, kombu_json.dumps(envelope))
-    return partial(
+    announce = partial(
         signals.after_task_publish.send,
         sender=EXECUTE_RUN_TASK, body=body, headers=headers, exchange="", routing_key=queue,
     )  # fmt: skip
+    return kombu_json.dumps(envelope), announce
+
+
+class MessageAhead:
+    """The message of a lone run, sent while the run's row is being inserted.
+
+    Celery's hand-over (the broker, the worker's main process, a pool process) takes about as long as
+    the insert, so the two overlap instead of following each other. Nothing else changes: the claim,
+    which finds the row only once it is committed, still decides who runs, and a worker that finds no
+    row yet waits for it (agents.runs.execute). The marker and the message are written to a connection
+    taken for them, and their replies read once the insert is done (`confirm`): neither waits for the
+    other. If the insert fails, `withdraw` takes the message back from its queue; a worker that took it
+    already finds no row and drops it.
+    """
+
+    def __init__(self, run: Any) -> None:
+        self.run_id, queue = str(run.pk), Tier(run.tier).queue
+        self.queue_key = settings.REDIS_KEY_PREFIX + queue
+        self.payload, self._announce = _message(
+            queue=queue, run_ids=[self.run_id], time_limit=message_time_limit([run]), countdown=None
+        )
+        self._commands = [
+            ("ZADD", dispatched_key(), time.time(), self.run_id),
+            ("LPUSH", self.queue_key, self.payload),
+        ]
+        self._pool = redis_client().connection_pool
+        self._connection: redis.connection.AbstractConnection | None = None
+
+    @classmethod
+    def send(cls, run: Any) -> "MessageAhead | None":
+        """Send the run's marker and message without waiting for Redis; None if Redis cannot take them
+        (the run is then dispatched after its insert, as any other)."""
+        ahead = cls(run)
+        try:
+            ahead._connection = ahead._pool.get_connection()
+            ahead._connection.send_packed_command(ahead._connection.pack_commands(ahead._commands))
+        except redis.RedisError as exc:
+            ahead._give_back(broken=True)
+            logger.warning("could not send run %s ahead of its insert (%s); it goes after", ahead.run_id, exc)
+            return None
+        return ahead
+
+    def confirm(self) -> bool:
+        """Whether the message is queued (its replies read); False if not: dispatch the run as any other."""
+        if not self._replies():
+            logger.warning("run %s was not sent ahead of its insert; it goes after", self.run_id)
+            return False
+        self._announce()
+        return True
+
+    def withdraw(self) -> None:
+        """The insert failed: the message leaves its queue (unless a worker took it already), the marker goes."""
+        if not self._replies():
+            return
+        pipe = redis_client().pipeline(transaction=False)
+        pipe.lrem(self.queue_key, 1, self.payload)
+        pipe.zrem(dispatched_key(), self.run_id)
+        try:
+            pipe.execute()
+        except redis.RedisError as exc:
+            logger.warning("could not withdraw the message of run %s, which was not stored (%s)", self.run_id, exc)
+
+    def _replies(self) -> bool:
+        try:
+            for _command in self._commands:
+                self._connection.read_response()
+        except redis.RedisError:
+            self._give_back(broken=True)
+            return False
+        self._give_back(broken=False)
+        return True
+
+    def _give_back(self, *, broken: bool) -> None:
+        if self._connection is None:
+            return
+        if broken:
+            # Replies may be left unread on it: the next command must not read them as its own.
+            self._connection.disconnect()
+        self._pool.release(self._connection)
+        self._connection = None
 
 
 def _args_repr(run_ids: list[str]) -> str:

@@ -199,7 +199,7 @@ def runs_execute(*, run_ids: Sequence[str], worker: str) -> None:
     """Run one attempt of each run of a message that this delivery wins the claim of."""
     began = time.monotonic()
     run_ids = _valid_ids(run_ids)
-    claimed = until_database_answers(lambda: runs_claim(run_ids=run_ids, worker=worker), what="claim")
+    claimed = _claim_once_stored(run_ids, worker=worker)
     if not claimed:
         _received([str(run_id) for run_id in run_ids], claimed)
         _not_claimed(run_ids, worker=worker)
@@ -212,6 +212,25 @@ def runs_execute(*, run_ids: Sequence[str], worker: str) -> None:
     finally:
         board.hold(())
         spool.clear()
+
+
+def _claim_once_stored(run_ids: list[uuid.UUID], *, worker: str) -> list[Run]:
+    """Claim the message's runs; a lone run's message may come before its row is committed (it was sent
+    while the row was inserted, see MessageAhead): with no row yet, wait for it up to
+    RUN_MESSAGE_AHEAD_WAIT_SECONDS, then claim again."""
+    claimed = until_database_answers(lambda: runs_claim(run_ids=run_ids, worker=worker), what="claim")
+    if claimed or len(run_ids) != 1:
+        return claimed
+    stored = Run.objects.filter(pk__in=run_ids)
+    deadline, delay = time.monotonic() + settings.RUN_MESSAGE_AHEAD_WAIT_SECONDS, 0.0005
+    while not until_database_answers(stored.exists, what="looking for a run not yet stored"):
+        if time.monotonic() >= deadline:
+            logger.warning("dropping a message for run %s, which was not stored in time", run_ids[0])
+            return []
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+    # Committed since the first claim, or taken before it (a duplicate delivery): the claim tells which.
+    return until_database_answers(lambda: runs_claim(run_ids=run_ids, worker=worker), what="claim")
 
 
 def _execute_claimed(

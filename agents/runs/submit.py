@@ -28,7 +28,7 @@ from agents.errors import IdempotencyConflict, PayloadTooLarge, RunRejected, Tie
 from agents.models import Agent, Run, RunStatus
 from agents.registry import registry
 from agents.runs.coalescing import followed_settle, runs_follow_inflight, runs_lead
-from agents.runs.dispatch import run_dispatch
+from agents.runs.dispatch import MessageAhead, broker_is_platform_redis, run_dispatch
 from agents.runs.finish import runs_answer_from_cache
 from agents.stats import admission_refusals_record
 from agents.tuning import agents_named
@@ -445,14 +445,29 @@ def _insert_runs(
         if charge is not None and not charge.settled:
             # No round trip came before the insert for the charge to ride on.
             charge.take()
+        ahead = _message_ahead(new_runs, executing, shareable=shareable)
         try:
             runs_insert(new_runs)
         except BaseException:
+            if ahead is not None:
+                ahead.withdraw()
             backlog_release(reserved)
             raise
+        if ahead is not None and ahead.confirm():
+            executing = []
         if new_runs:
             transaction.on_commit(lambda: _after_submit(new_runs, executing, shareable=shareable))
     return outcome
+
+
+def _message_ahead(new_runs: list[Run], executing: list[Run], *, shareable: set) -> MessageAhead | None:
+    """Send a lone run's message while it is inserted (see MessageAhead), when nothing must commit with it:
+    outside a transaction (an idempotency key's, or a caller's), and not sharing another run's work."""
+    if not settings.RUN_MESSAGE_AHEAD or len(new_runs) != 1 or executing != new_runs:
+        return None
+    if connection.in_atomic_block or new_runs[0].pk in shareable or not broker_is_platform_redis():
+        return None
+    return MessageAhead.send(new_runs[0])
 
 
 @functools.lru_cache(maxsize=PLAIN_INSERT_ROWS_MAX)

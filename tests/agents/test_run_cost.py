@@ -18,7 +18,7 @@ from tests.factories import RunFactory
 RUNS = "/api/v1/runs/"
 
 
-def test_submitting_one_run_through_the_api_costs_three_statements_and_two_redis_round_trips(
+def test_submitting_one_run_through_the_api_costs_three_statements_and_three_redis_round_trips_two_waited_for(
     transactional_db, api, redis_round_trips
 ):
     api.post(RUNS, {"agent": "echo", "input": {}}, format="json")  # the first request warms per-process caches
@@ -30,8 +30,9 @@ def test_submitting_one_run_through_the_api_costs_three_statements_and_two_redis
     assert response.status_code == 201
     # token, agent, insert: a lone insert needs no transaction around it
     assert len(queries) <= 3, [query["sql"][:60] for query in queries]
-    # backlog reservation with the rate; events, message markers and the message
-    assert len(redis_round_trips) <= 2, redis_round_trips.calls
+    # backlog reservation with the rate; the marker and the message, sent while the run is inserted; the events
+    assert redis_round_trips.calls.count("message sent ahead") == 1, redis_round_trips.calls
+    assert len(redis_round_trips) <= 3, redis_round_trips.calls
 
 
 def test_a_cached_answer_through_the_api_costs_one_statement_and_two_redis_round_trips(
@@ -77,7 +78,7 @@ def test_reading_a_finished_run_with_wait_costs_two_statements(transactional_db,
     assert len(queries) <= 3, [query["sql"][:60] for query in queries]
 
 
-def test_a_batch_submission_costs_the_same_round_trips_as_one_run(transactional_db, api, redis_round_trips):
+def test_a_batch_submission_costs_two_redis_round_trips_whatever_its_size(transactional_db, api, redis_round_trips):
     body = {"runs": [{"agent": "echo", "input": {"n": n}} for n in range(200)]}
     api.post(f"{RUNS}batch/", {"runs": body["runs"][:1]}, format="json")
     redis_round_trips.calls.clear()
@@ -87,7 +88,7 @@ def test_a_batch_submission_costs_the_same_round_trips_as_one_run(transactional_
 
     assert response.status_code == 201
     assert len([query for query in queries if not query["sql"].startswith(("BEGIN", "COMMIT", "SAVEPOINT"))]) <= 3
-    # as for one run: 200 runs travel in two messages, published with their markers
+    # the reservation with the rate; the events, markers and messages (200 runs travel in two) after commit
     assert len(redis_round_trips) <= 2, redis_round_trips.calls
 
 
