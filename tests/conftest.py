@@ -204,7 +204,9 @@ def _start_worker(queue: str, log_dir: Path, concurrency: int = 1) -> tuple[subp
             str(log),
         ],
         cwd=ROOT,
-        env=worker_env(),
+        # These workers outlive each test's database: a lone run's message they take after its test's rows
+        # were flushed finds no row, and would hold a pool process for the whole wait of a run not stored yet.
+        env={**worker_env(), "RUN_MESSAGE_AHEAD_WAIT_SECONDS": "0.1"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.STDOUT,
     )
