@@ -218,7 +218,11 @@ def _claim_once_stored(run_ids: list[uuid.UUID], *, worker: str) -> list[Run]:
     """Claim the message's runs; a lone run's message may come before its row is committed (it was sent
     while the row was inserted, see MessageAhead): with no row yet, wait for it up to
     RUN_MESSAGE_AHEAD_WAIT_SECONDS, then claim again."""
-    claimed = until_database_answers(lambda: runs_claim(run_ids=run_ids, worker=worker), what="claim")
+
+    def claim() -> list[Run]:
+        return until_database_answers(lambda: runs_claim(run_ids=run_ids, worker=worker), what="claim")
+
+    claimed = claim()
     if claimed or len(run_ids) != 1:
         return claimed
     stored = Run.objects.filter(pk__in=run_ids)
@@ -230,7 +234,7 @@ def _claim_once_stored(run_ids: list[uuid.UUID], *, worker: str) -> list[Run]:
         time.sleep(delay)
         delay = min(delay * 2, 0.05)
     # Committed since the first claim, or taken before it (a duplicate delivery): the claim tells which.
-    return until_database_answers(lambda: runs_claim(run_ids=run_ids, worker=worker), what="claim")
+    return claim()
 
 
 def _execute_claimed(
